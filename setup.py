@@ -8,7 +8,7 @@ detectron2 installs its own projects. The extension is compiled from ``kernels/`
 * every ``kernels/**/*.cu`` as well when a GPU is visible or ``FORCE_CUDA=1`` is set. Then
   ``CUDA_HOME`` must point at a CUDA toolkit (``/usr/local/cuda`` is tried when unset) and
   ``TORCH_CUDA_ARCH_LIST`` chooses the architectures; by default we build for
-  Volta to Hopper (7.0 7.5 8.0 8.6 8.9 9.0, PTX for 9.0) when no GPU is visible.
+  Turing to Hopper (7.5 8.0 8.6 9.0, PTX for 9.0; CUDA 13 dropped Volta) when no GPU is visible.
 
 Build with ``pip install -e . --no-build-isolation`` (the extension needs the installed torch).
 """
@@ -20,7 +20,7 @@ from setuptools import find_packages, setup
 
 ROOT = path.dirname(path.abspath(__file__))
 PACKAGE_DIR = path.join("projects", "deformable_family")
-DEFAULT_CUDA_ARCHS = "7.0;7.5;8.0;8.6;8.9;9.0+PTX"
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;9.0+PTX"
 
 
 def _version() -> str:
