@@ -1,1 +1,3 @@
+from .param_groups import param_groups_by_name
 
+__all__ = ["param_groups_by_name"]

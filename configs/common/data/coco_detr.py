@@ -1,0 +1,50 @@
+from detectron2.config import LazyCall as L
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import transforms as T
+from omegaconf import OmegaConf
+
+from deformable_family.data import DetrDatasetMapper, RandomSelect, load_dataset_dicts
+from deformable_family.evaluation import build_coco_evaluator
+
+# The authors' augmentation: flip, then either a multi-scale resize or resize -> crop -> resize.
+MULTI_SCALE = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+
+dataloader = OmegaConf.create()
+
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(load_dataset_dicts)(names="coco_2017_train", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(
+        is_train=True,
+        augmentations=[
+            L(T.RandomFlip)(horizontal=True),
+            L(RandomSelect)(
+                first=L(T.ResizeShortestEdge)(short_edge_length=MULTI_SCALE, max_size=1333, sample_style="choice"),
+                second=[
+                    L(T.ResizeShortestEdge)(short_edge_length=[400, 500, 600], sample_style="choice"),
+                    L(T.RandomCrop)(crop_type="absolute_range", crop_size=(384, 600)),
+                    L(T.ResizeShortestEdge)(short_edge_length=MULTI_SCALE, max_size=1333, sample_style="choice"),
+                ],
+                prob=0.5,
+            ),
+        ],
+        image_format="RGB",
+    ),
+    total_batch_size=32,  # the authors' total batch (2 images per GPU); detrex uses 16 with lr 1e-4
+
+    num_workers=4,
+)
+
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(load_dataset_dicts)(names="coco_2017_val", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(
+        is_train=False,
+        augmentations=[L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)],
+        image_format="RGB",
+    ),
+    num_workers=4,
+)
+
+dataloader.evaluator = L(build_coco_evaluator)(
+    dataset_name="${..test.dataset.names}",
+    output_dir=None,
+)

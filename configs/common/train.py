@@ -1,0 +1,23 @@
+# Training loop settings read by train_net.py (the same keys as detectron2's common/train.py, plus
+# device, clip_grad and ema). Defaults follow the authors' COCO recipe: 50 epochs at total batch 32
+# = 50 * 118287 / 32 ~ 184,850 iterations.
+train = dict(
+    output_dir="./output",
+    init_checkpoint="",
+    max_iter=184850,
+    amp=dict(enabled=False),  # AMPTrainer; only on CUDA
+    ddp=dict(  # options for DistributedDataParallel
+        broadcast_buffers=False,
+        find_unused_parameters=False,
+        fp16_compression=False,
+    ),
+    checkpointer=dict(period=5000, max_to_keep=10),  # options for PeriodicCheckpointer
+    eval_period=5000,
+    log_period=20,
+    device="cuda",  # "cuda" or "cpu"
+    seed=-1,  # < 0: a random seed, logged
+    # Gradient max-norm clipping over all parameters (authors: 0.1, L2).
+    clip_grad=dict(enabled=True, max_norm=0.1, norm_type=2.0),
+    # Exponential moving average of the weights; not part of the authors' recipe, so off.
+    ema=dict(enabled=False, decay=0.9998, warmup_iters=0),
+)

@@ -1,0 +1,60 @@
+"""Augmentations the DETR recipe needs and detectron2 does not provide."""
+from collections import abc
+from typing import Sequence, Union
+
+import numpy as np
+from detectron2.data import transforms as T
+
+__all__ = ["RandomSelect", "RandomChoiceAugmentation"]
+
+
+def _as_augmentation(aug: Union[T.Augmentation, Sequence[T.Augmentation]], name: str) -> T.Augmentation:
+    if isinstance(aug, T.Augmentation):
+        return aug
+    # LazyConfig's instantiate hands lists over as omegaconf ListConfig, a Sequence.
+    if isinstance(aug, abc.Sequence) and not isinstance(aug, str):
+        aug = list(aug)
+        if not all(isinstance(a, T.Augmentation) for a in aug):
+            raise TypeError(f"RandomSelect: every element of {name} must be a detectron2 Augmentation")
+        return T.AugmentationList(aug)
+    raise TypeError(f"RandomSelect: {name} must be an Augmentation or a list of them, got {type(aug).__name__}")
+
+
+class RandomSelect(T.Augmentation):
+    """Apply ``first`` with probability ``prob``, otherwise ``second`` (exactly one of the two).
+
+    This is the "either A or B" of the DETR training recipe (plain multi-scale resize, or
+    resize + random crop + resize). detectron2 only has ``RandomApply`` ("A or nothing").
+    The draw uses numpy's global RNG, like every detectron2 augmentation, so it is reproducible
+    under ``np.random.seed`` and detectron2 seeds it per data-loader worker.
+    """
+
+    def __init__(
+        self,
+        first: Union[T.Augmentation, Sequence[T.Augmentation]],
+        second: Union[T.Augmentation, Sequence[T.Augmentation]],
+        prob: float = 0.5,
+    ):
+        """
+        Args:
+            first: an augmentation, or a list of them applied in order.
+            second: an augmentation, or a list of them applied in order.
+            prob: probability of choosing ``first``, in [0, 1].
+        """
+        super().__init__()
+        if not 0.0 <= float(prob) <= 1.0:
+            raise ValueError(f"RandomSelect: prob must be in [0, 1], got {prob!r}")
+        self.first = _as_augmentation(first, "first")
+        self.second = _as_augmentation(second, "second")
+        self.prob = float(prob)
+
+    def __call__(self, aug_input) -> T.Transform:
+        chosen = self.first if self._rand_range() < self.prob else self.second
+        return chosen(aug_input)
+
+    def __repr__(self) -> str:
+        return f"RandomSelect(first={self.first}, second={self.second}, prob={self.prob})"
+
+
+# The name used in the issue; both refer to the same class.
+RandomChoiceAugmentation = RandomSelect
