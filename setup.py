@@ -14,6 +14,7 @@ Build with ``pip install -e . --no-build-isolation`` (the extension needs the in
 """
 import glob
 import os
+import sys
 from os import path
 
 from setuptools import find_packages, setup
@@ -46,6 +47,12 @@ def _extensions():
     cpp_sources = sorted(path.relpath(p, ROOT) for p in glob.glob(path.join(kernels, "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(path.relpath(p, ROOT) for p in glob.glob(path.join(kernels, "**", "*.cu"), recursive=True))
     extra_compile_args = {"cxx": ["-O3"]}
+    extra_link_args = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an inline OpenMP loop: without -fopenmp the CPU kernel runs on one thread.
+        # The extension then links libgomp.so.1, the runtime torch itself loads.
+        extra_compile_args["cxx"].append("-fopenmp")
+        extra_link_args.append("-fopenmp")
     define_macros = []
     extension = cpp_extension.CppExtension
     sources = cpp_sources
@@ -72,6 +79,7 @@ def _extensions():
             include_dirs=[kernels],
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
         )
     ], cpp_extension.BuildExtension
 

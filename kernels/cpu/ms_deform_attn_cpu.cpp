@@ -1,0 +1,279 @@
+// CPU kernels of multi-scale deformable sampling (interface and semantics: ms_deform_attn.h).
+//
+// Forward: parallel over blocks of (batch, query); per sample the four corner rows and the four
+// weights (bilinear * attention) are computed once, then one loop over the D channels of a head
+// accumulates w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d], which the compiler vectorises.
+//
+// Backward: parallel over (batch, head, level) triples. The corners of a level-l sample are rows of
+// level l, so each triple owns a disjoint slice of grad_value (rows of level l, head m, batch n) and
+// also owns the gradients of its own locations and attention weights. Each thread walks its queries
+// in order, so the result is deterministic: bit-identical across runs and thread counts, no atomics.
+// With the Deformable DETR shapes there are N * 8 * 4 triples, enough for a few cores; on a machine
+// with many more cores than triples the backward does not use them all.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "ms_deform_attn.h"
+#include "ms_deform_attn_sampling.h"
+
+namespace deformable_family {
+
+namespace {
+
+struct Sizes {
+  int64_t batch;
+  int64_t num_rows;  // S
+  int64_t num_heads;  // M
+  int64_t head_dim;  // D
+  int64_t num_queries;  // Lq
+  int64_t num_levels;  // L
+  int64_t num_points;  // P
+};
+
+Sizes sizes_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
+  return Sizes{
+      value.size(0), value.size(1), value.size(2), value.size(3), sampling_locations.size(1),
+      sampling_locations.size(3), sampling_locations.size(4)};
+}
+
+// output[d] += sum_c weight[c] * corner_row_c[d] over the D channels of one head.
+template <typename scalar_t>
+inline void accumulate_sample(
+    scalar_t* __restrict__ output,
+    const scalar_t* __restrict__ row0,
+    const scalar_t* __restrict__ row1,
+    const scalar_t* __restrict__ row2,
+    const scalar_t* __restrict__ row3,
+    scalar_t w0,
+    scalar_t w1,
+    scalar_t w2,
+    scalar_t w3,
+    int64_t head_dim) {
+#pragma omp simd
+  for (int64_t d = 0; d < head_dim; ++d) {
+    output[d] += w0 * row0[d] + w1 * row1[d] + w2 * row2[d] + w3 * row3[d];
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(
+    const scalar_t* value,
+    const int64_t* spatial_shapes,
+    const int64_t* level_start_index,
+    const scalar_t* sampling_locations,
+    const scalar_t* attention_weights,
+    scalar_t* output,
+    const Sizes& sizes) {
+  const int64_t row_stride = sizes.num_heads * sizes.head_dim;  // between consecutive value rows
+  const int64_t samples_per_head = sizes.num_levels * sizes.num_points;
+  // A block of queries per task keeps the scheduling cost small against ~128 samples per query.
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, sizes.num_heads * samples_per_head));
+  at::parallel_for(0, sizes.batch * sizes.num_queries, grain, [&](int64_t begin, int64_t end) {
+    BilinearCorners<scalar_t> corners;
+    for (int64_t batch_query = begin; batch_query < end; ++batch_query) {
+      const int64_t n = batch_query / sizes.num_queries;
+      for (int64_t m = 0; m < sizes.num_heads; ++m) {
+        const int64_t head_index = batch_query * sizes.num_heads + m;  // into (N, Lq, M)
+        const scalar_t* value_head = value + (n * sizes.num_rows * sizes.num_heads + m) * sizes.head_dim;
+        const scalar_t* locations = sampling_locations + head_index * samples_per_head * 2;
+        const scalar_t* weights = attention_weights + head_index * samples_per_head;
+        scalar_t* out = output + head_index * sizes.head_dim;
+        for (int64_t l = 0; l < sizes.num_levels; ++l) {
+          const int64_t height = spatial_shapes[2 * l];
+          const int64_t width = spatial_shapes[2 * l + 1];
+          for (int64_t p = 0; p < sizes.num_points; ++p) {
+            const int64_t sample = l * sizes.num_points + p;
+            if (!bilinear_corners(
+                    locations[2 * sample], locations[2 * sample + 1], height, width, level_start_index[l], corners)) {
+              continue;
+            }
+            // Bilinear and attention weight folded once per sample, not once per channel.
+            const scalar_t attention = weights[sample];
+            accumulate_sample(
+                out, value_head + corners.row[0] * row_stride, value_head + corners.row[1] * row_stride,
+                value_head + corners.row[2] * row_stride, value_head + corners.row[3] * row_stride,
+                attention * corners.weight[0], attention * corners.weight[1], attention * corners.weight[2],
+                attention * corners.weight[3], sizes.head_dim);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(
+    const scalar_t* value,
+    const int64_t* spatial_shapes,
+    const int64_t* level_start_index,
+    const scalar_t* sampling_locations,
+    const scalar_t* attention_weights,
+    const scalar_t* grad_output,
+    scalar_t* grad_value,
+    scalar_t* grad_sampling_locations,
+    scalar_t* grad_attention_weights,
+    const Sizes& sizes) {
+  const int64_t row_stride = sizes.num_heads * sizes.head_dim;
+  const int64_t head_dim = sizes.head_dim;
+  const int64_t num_triples = sizes.batch * sizes.num_heads * sizes.num_levels;
+  at::parallel_for(0, num_triples, 1, [&](int64_t begin, int64_t end) {
+    BilinearCorners<scalar_t> corners;
+    for (int64_t triple = begin; triple < end; ++triple) {
+      const int64_t l = triple % sizes.num_levels;
+      const int64_t m = (triple / sizes.num_levels) % sizes.num_heads;
+      const int64_t n = triple / (sizes.num_levels * sizes.num_heads);
+      const int64_t height = spatial_shapes[2 * l];
+      const int64_t width = spatial_shapes[2 * l + 1];
+      const int64_t head_offset = (n * sizes.num_rows * sizes.num_heads + m) * head_dim;
+      const scalar_t* value_head = value + head_offset;
+      scalar_t* grad_value_head = grad_value + head_offset;
+      for (int64_t q = 0; q < sizes.num_queries; ++q) {
+        const int64_t head_index = (n * sizes.num_queries + q) * sizes.num_heads + m;  // into (N, Lq, M)
+        const scalar_t* grad_out = grad_output + head_index * head_dim;
+        const int64_t first_sample = (head_index * sizes.num_levels + l) * sizes.num_points;  // into (N, Lq, M, L, P)
+        for (int64_t p = 0; p < sizes.num_points; ++p) {
+          const int64_t sample = first_sample + p;
+          if (!bilinear_corners(
+                  sampling_locations[2 * sample], sampling_locations[2 * sample + 1], height, width,
+                  level_start_index[l], corners)) {
+            continue;  // no corner inside: all three gradients stay zero
+          }
+          const scalar_t attention = attention_weights[sample];
+          const scalar_t* __restrict__ row0 = value_head + corners.row[0] * row_stride;
+          const scalar_t* __restrict__ row1 = value_head + corners.row[1] * row_stride;
+          const scalar_t* __restrict__ row2 = value_head + corners.row[2] * row_stride;
+          const scalar_t* __restrict__ row3 = value_head + corners.row[3] * row_stride;
+          // dot[c] = <grad_out, corner_row_c>, needed for both the location and the weight gradients.
+          scalar_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
+#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
+          for (int64_t d = 0; d < head_dim; ++d) {
+            dot0 += grad_out[d] * row0[d];
+            dot1 += grad_out[d] * row1[d];
+            dot2 += grad_out[d] * row2[d];
+            dot3 += grad_out[d] * row3[d];
+          }
+          // A corner outside the map has value 0 (zero padding): its dot product is 0.
+          dot0 = corners.inside[0] ? dot0 : scalar_t(0);
+          dot1 = corners.inside[1] ? dot1 : scalar_t(0);
+          dot2 = corners.inside[2] ? dot2 : scalar_t(0);
+          dot3 = corners.inside[3] ? dot3 : scalar_t(0);
+
+          // d output / d attention = the bilinear sample.
+          grad_attention_weights[sample] = corners.weight[0] * dot0 + corners.weight[1] * dot1 +
+              corners.weight[2] * dot2 + corners.weight[3] * dot3;
+          // d sample / d px = (1 - fy) (v1 - v0) + fy (v3 - v2), and px = x * W - 0.5 (likewise y).
+          const scalar_t fx = corners.frac_x;
+          const scalar_t fy = corners.frac_y;
+          grad_sampling_locations[2 * sample] =
+              attention * static_cast<scalar_t>(width) * ((1 - fy) * (dot1 - dot0) + fy * (dot3 - dot2));
+          grad_sampling_locations[2 * sample + 1] =
+              attention * static_cast<scalar_t>(height) * ((1 - fx) * (dot2 - dot0) + fx * (dot3 - dot1));
+
+          // d output / d value: scatter into the rows this triple owns. Clamped corners add 0 * grad.
+          const scalar_t w0 = attention * corners.weight[0];
+          const scalar_t w1 = attention * corners.weight[1];
+          const scalar_t w2 = attention * corners.weight[2];
+          const scalar_t w3 = attention * corners.weight[3];
+          scalar_t* grad_row0 = grad_value_head + corners.row[0] * row_stride;
+          scalar_t* grad_row1 = grad_value_head + corners.row[1] * row_stride;
+          scalar_t* grad_row2 = grad_value_head + corners.row[2] * row_stride;
+          scalar_t* grad_row3 = grad_value_head + corners.row[3] * row_stride;
+          // The four rows may coincide (clamped corners), so they are updated one after the other.
+          for (int64_t d = 0; d < head_dim; ++d) {
+            grad_row0[d] += w0 * grad_out[d];
+          }
+          for (int64_t d = 0; d < head_dim; ++d) {
+            grad_row1[d] += w1 * grad_out[d];
+          }
+          for (int64_t d = 0; d < head_dim; ++d) {
+            grad_row2[d] += w2 * grad_out[d];
+          }
+          for (int64_t d = 0; d < head_dim; ++d) {
+            grad_row3[d] += w3 * grad_out[d];
+          }
+        }
+      }
+    }
+  });
+}
+
+// float16 and bfloat16 run the float32 kernel on converted copies (float32 accumulation).
+bool is_reduced_precision(const at::Tensor& tensor) {
+  return tensor.scalar_type() == at::kHalf || tensor.scalar_type() == at::kBFloat16;
+}
+
+}  // namespace
+
+at::Tensor ms_deform_attn_forward_cpu(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights) {
+  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, {});
+  if (is_reduced_precision(value)) {
+    return ms_deform_attn_forward_cpu(
+               value.to(at::kFloat), spatial_shapes, level_start_index, sampling_locations.to(at::kFloat),
+               attention_weights.to(at::kFloat))
+        .to(value.scalar_type());
+  }
+  const Sizes sizes = sizes_of(value, sampling_locations);
+  at::Tensor output = at::zeros({sizes.batch, sizes.num_queries, sizes.num_heads * sizes.head_dim}, value.options());
+  if (output.numel() == 0 || sizes.num_rows == 0) {
+    return output;
+  }
+  const at::Tensor value_c = value.contiguous();
+  const at::Tensor shapes_c = spatial_shapes.contiguous();
+  const at::Tensor starts_c = level_start_index.contiguous();
+  const at::Tensor locations_c = sampling_locations.contiguous();
+  const at::Tensor weights_c = attention_weights.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+    forward_kernel<scalar_t>(
+        value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(), starts_c.data_ptr<int64_t>(),
+        locations_c.data_ptr<scalar_t>(), weights_c.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), sizes);
+  });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights,
+    const at::Tensor& grad_output) {
+  TORCH_CHECK_VALUE(grad_output.defined(), "ms_deform_attn_backward: grad_output is undefined");
+  check_ms_deform_attn_inputs(
+      value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output);
+  if (is_reduced_precision(value)) {
+    auto grads = ms_deform_attn_backward_cpu(
+        value.to(at::kFloat), spatial_shapes, level_start_index, sampling_locations.to(at::kFloat),
+        attention_weights.to(at::kFloat), grad_output.to(at::kFloat));
+    const auto dtype = value.scalar_type();
+    return {std::get<0>(grads).to(dtype), std::get<1>(grads).to(dtype), std::get<2>(grads).to(dtype)};
+  }
+  at::Tensor grad_value = at::zeros(value.sizes(), value.options());
+  at::Tensor grad_sampling_locations = at::zeros(sampling_locations.sizes(), value.options());
+  at::Tensor grad_attention_weights = at::zeros(attention_weights.sizes(), value.options());
+  const Sizes sizes = sizes_of(value, sampling_locations);
+  if (grad_attention_weights.numel() == 0 || value.numel() == 0) {
+    return {grad_value, grad_sampling_locations, grad_attention_weights};
+  }
+  const at::Tensor value_c = value.contiguous();
+  const at::Tensor shapes_c = spatial_shapes.contiguous();
+  const at::Tensor starts_c = level_start_index.contiguous();
+  const at::Tensor locations_c = sampling_locations.contiguous();
+  const at::Tensor weights_c = attention_weights.contiguous();
+  const at::Tensor grad_output_c = grad_output.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    backward_kernel<scalar_t>(
+        value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(), starts_c.data_ptr<int64_t>(),
+        locations_c.data_ptr<scalar_t>(), weights_c.data_ptr<scalar_t>(), grad_output_c.data_ptr<scalar_t>(),
+        grad_value.data_ptr<scalar_t>(), grad_sampling_locations.data_ptr<scalar_t>(),
+        grad_attention_weights.data_ptr<scalar_t>(), sizes);
+  });
+  return {grad_value, grad_sampling_locations, grad_attention_weights};
+}
+
+}  // namespace deformable_family
