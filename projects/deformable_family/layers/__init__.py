@@ -1,4 +1,14 @@
 from .ms_deform_attn_op import ms_deform_attn
 from .ms_deform_attn_reference import ms_deform_attn_reference
+from .deformable_attention import MSDeformAttn
+from .mlp import MLP
+from .position_encoding import PositionEmbeddingSine, sine_embedding
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference"]
+__all__ = [
+    "ms_deform_attn",
+    "ms_deform_attn_reference",
+    "MSDeformAttn",
+    "MLP",
+    "PositionEmbeddingSine",
+    "sine_embedding",
+]

@@ -1,0 +1,182 @@
+"""Deformable DETR meta-architecture: training and inference on CPU with tiny inputs."""
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.structures import Boxes, Instances
+
+from deformable_family.modeling.deformable_detr import DeformableDETR
+
+MODEL_CONFIG = "configs/common/models/deformable_detr.py"
+VARIANTS = ["single_scale", "multi_scale", "box_refine", "two_stage"]
+
+
+def tiny_model_config(variant: str):
+    """The common model config shrunk to ResNet-18, d_model 64, 2+2 layers, 10 queries."""
+    model = LazyConfig.load(MODEL_CONFIG).model
+    model.backbone.depth = 18
+    model.transformer.d_model = 64
+    model.position_embedding.num_pos_feats = 32
+    for part in (model.transformer.encoder, model.transformer.decoder):
+        part.num_layers = 2
+        part.d_ffn = 128
+        part.n_heads = 4
+        part.n_points = 2
+    model.num_queries = 10
+    if variant == "single_scale":
+        model.backbone.in_features = ["res5"]
+        model.backbone.num_extra_levels = 0
+        model.transformer.num_levels = 1
+    if variant in ("box_refine", "two_stage"):
+        model.with_box_refine = True
+    if variant == "two_stage":
+        model.two_stage = True
+    return model
+
+
+def make_input(height: int, width: int, num_boxes: int, generator: torch.Generator) -> dict:
+    instances = Instances((height, width))
+    top_left = torch.rand(num_boxes, 2, generator=generator) * torch.tensor([width / 2, height / 2])
+    size = torch.tensor([width / 3, height / 3])
+    instances.gt_boxes = Boxes(torch.cat([top_left, top_left + size], 1))
+    instances.gt_classes = torch.randint(0, 80, (num_boxes,), generator=generator)
+    image = torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8)
+    # "height"/"width" ask for outputs at twice the input size, as for an image resized by the mapper.
+    return {"image": image, "instances": instances, "height": 2 * height, "width": 2 * width}
+
+
+def make_batch(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    # Different sizes (so one image is padded) and one image without annotations.
+    return [make_input(96, 128, 3, generator), make_input(64, 80, 0, generator)]
+
+
+def randomize_zero_inits(model: torch.nn.Module) -> None:
+    """Give every all-zero parameter small random values: zero-initialised layers (box-head last layer,
+    attention-weight and offset projections) otherwise block gradients to what feeds them at step 0,
+    which would hide a parameter that is structurally disconnected."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad and parameter.abs().sum() == 0:
+                parameter.normal_(0.0, 0.02)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_every_trainable_parameter_gets_gradient(variant):
+    torch.manual_seed(0)
+    model = instantiate(tiny_model_config(variant))
+    model.train()
+    randomize_zero_inits(model)
+    losses = model(make_batch())
+    num_layers = model.transformer.decoder.num_layers
+    expected = {"loss_class", "loss_bbox", "loss_giou"}
+    expected |= {f"{name}_{i}" for name in ("loss_class", "loss_bbox", "loss_giou") for i in range(num_layers - 1)}
+    if variant == "two_stage":
+        expected |= {"loss_class_enc", "loss_bbox_enc", "loss_giou_enc"}
+    assert set(losses) == expected
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    missing = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)
+    ]
+    assert missing == []
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(name.startswith(("backbone.body.stem.", "backbone.body.res2.")) for name in frozen)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_inference_returns_instances_inside_output_size(variant):
+    torch.manual_seed(0)
+    model = instantiate(tiny_model_config(variant))
+    model.eval()
+    batch = make_batch()
+    with torch.no_grad():
+        results = model(batch)
+    assert len(results) == len(batch)
+    for result, item in zip(results, batch):
+        instances = result["instances"]
+        assert instances.image_size == (item["height"], item["width"])
+        assert 0 < len(instances) <= model.select_topk
+        boxes = instances.pred_boxes.tensor
+        assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= item["width"]).all()
+        assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= item["height"]).all()
+        assert ((instances.pred_classes >= 0) & (instances.pred_classes < model.num_classes)).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_transformer_ignores_padding(variant):
+    """The same feature maps alone, or padded with garbage to a larger size, give the same decoder
+    outputs: padding is masked out of attention and the references use valid ratios. (The whole model
+    is not exactly invariant, as in the authors' code: the backbone's convolutions and the neck's
+    GroupNorm see the padded area.)"""
+    torch.manual_seed(0)
+    model = instantiate(tiny_model_config(variant))
+    model.eval()
+    transformer = model.transformer
+    channels = transformer.d_model
+    sizes = [(8, 12), (4, 6), (2, 3), (1, 2)][: transformer.num_levels]
+    padded_sizes = [(11, 13), (6, 9), (3, 5), (2, 3)][: transformer.num_levels]
+    features, padded_features, masks, padded_masks = [], [], [], []
+    for (height, width), (padded_height, padded_width) in zip(sizes, padded_sizes):
+        feature = torch.randn(1, channels, height, width)
+        padded = torch.randn(1, channels, padded_height, padded_width) * 10
+        padded[:, :, :height, :width] = feature
+        mask = torch.ones(1, padded_height, padded_width, dtype=torch.bool)
+        mask[:, :height, :width] = False
+        features.append(feature)
+        padded_features.append(padded)
+        masks.append(torch.zeros(1, height, width, dtype=torch.bool))
+        padded_masks.append(mask)
+
+    def run(feature_list, mask_list):
+        pos = [model.position_embedding(m) for m in mask_list]
+        with torch.no_grad():
+            return transformer(
+                feature_list,
+                mask_list,
+                pos,
+                query_embed=None if model.two_stage else model.query_embed.weight,
+                box_heads=model.bbox_embed if model.with_box_refine else None,
+                proposal_class_head=model.proposal_class_embed if model.two_stage else None,
+                proposal_box_head=model.proposal_bbox_embed if model.two_stage else None,
+            )
+
+    alone = run(features, masks)
+    padded = run(padded_features, padded_masks)
+    torch.testing.assert_close(padded["hidden_states"], alone["hidden_states"], atol=1e-4, rtol=1e-4)
+    for padded_reference, reference in zip(padded["references"], alone["references"]):
+        torch.testing.assert_close(padded_reference, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_two_stage_requires_box_refine():
+    config = tiny_model_config("two_stage")
+    config.with_box_refine = False
+    with pytest.raises(ValueError, match="with_box_refine"):
+        instantiate(config)
+
+
+def test_level_mismatch_is_a_clear_error():
+    config = tiny_model_config("multi_scale")
+    config.transformer.num_levels = 3
+    with pytest.raises(ValueError, match="num_levels"):
+        instantiate(config)
+
+
+def test_num_classes_override_reaches_criterion_and_heads():
+    config = tiny_model_config("box_refine")
+    config.num_classes = 7
+    model = instantiate(config)
+    assert isinstance(model, DeformableDETR)
+    assert model.criterion.num_classes == 7
+    assert all(head.out_features == 7 for head in model.class_embed)
+
+
+def test_heads_have_one_state_dict_key_each():
+    model = instantiate(tiny_model_config("two_stage"))
+    keys = list(model.state_dict())
+    assert not any(key.startswith("transformer.") and "embed." in key and "level_embed" not in key for key in keys)
+    ids = [id(p) for p in model.parameters()]
+    assert len(ids) == len(set(ids))
+    assert sum(1 for key in keys if key.startswith("class_embed.") and key.endswith(".weight")) == 2
