@@ -1,0 +1,74 @@
+"""Multi-scale ResNet backbone: levels, strides, freezing, initialisation, registry."""
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
+
+from deformable_family.modeling.backbones import MultiScaleResNet
+
+
+def test_multi_scale_levels_and_shapes():
+    backbone = MultiScaleResNet(depth=18, out_channels=64)
+    shapes = backbone.output_shape()
+    assert [shape.stride for shape in shapes.values()] == [8, 16, 32, 64]
+    assert all(shape.channels == 64 for shape in shapes.values())
+    outputs = backbone(torch.randn(1, 3, 100, 130))
+    assert list(outputs) == list(shapes)
+    for name, feature in outputs.items():
+        stride = shapes[name].stride
+        # Each stride-2 conv rounds up.
+        assert feature.shape[1] == 64
+        assert abs(feature.shape[2] - 100 / stride) < 1 and abs(feature.shape[3] - 130 / stride) < 1
+
+
+def test_single_scale_is_c5_only():
+    backbone = MultiScaleResNet(depth=18, in_features=["res5"], num_extra_levels=0, out_channels=32)
+    assert [shape.stride for shape in backbone.output_shape().values()] == [32]
+    assert len(backbone.input_proj) == 1 and backbone.input_proj[0][0].kernel_size == (1, 1)
+
+
+def test_stem_and_res2_frozen_and_batchnorm_frozen():
+    backbone = MultiScaleResNet(depth=50)
+    for name, parameter in backbone.body.named_parameters():
+        assert parameter.requires_grad == (not name.startswith(("stem.", "res2."))), name
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+    assert all(p.requires_grad for p in backbone.input_proj.parameters())
+
+
+def test_stride_on_3x3_conv_and_neck_init():
+    backbone = MultiScaleResNet(depth=50)
+    first_block = backbone.body.res3[0]
+    assert first_block.conv1.stride == (1, 1) and first_block.conv2.stride == (2, 2)
+    c6 = backbone.input_proj[3][0]
+    assert c6.kernel_size == (3, 3) and c6.stride == (2, 2) and c6.in_channels == 2048
+    for projection in backbone.input_proj:
+        conv, norm = projection
+        assert isinstance(norm, torch.nn.GroupNorm) and norm.num_groups == 32
+        assert conv.bias.abs().sum() == 0
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5  # xavier_uniform
+        assert conv.weight.abs().max() <= bound
+
+
+def test_yacs_builder_registered():
+    assert "build_multiscale_resnet_backbone" in BACKBONE_REGISTRY
+    cfg = get_cfg()
+    cfg.MODEL.BACKBONE.NAME = "build_multiscale_resnet_backbone"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    backbone = build_backbone(cfg, ShapeSpec(channels=3))
+    assert isinstance(backbone, MultiScaleResNet)
+    assert [s.stride for s in backbone.output_shape().values()] == [8, 16, 32, 64]
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="depth"):
+        MultiScaleResNet(depth=42)
+    with pytest.raises(ValueError, match="in_features"):
+        MultiScaleResNet(depth=18, in_features=["res6"])
+    with pytest.raises(ValueError, match="in_features"):
+        MultiScaleResNet(depth=18, in_features=["res5", "res3"])
