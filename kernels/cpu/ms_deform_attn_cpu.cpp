@@ -17,6 +17,16 @@
 #include "ms_deform_attn.h"
 #include "ms_deform_attn_sampling.h"
 
+// On x86-64 Linux with GCC the two hot loops are also compiled for AVX2 + FMA (x86-64-v3) and the
+// best version is chosen when the library loads, so one binary runs everywhere and uses wide vectors
+// where they exist. Results may then differ in the last bits between machines (FMA rounding), never
+// between runs on one machine.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define DF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DF_CPU_CLONES
+#endif
+
 namespace deformable_family {
 
 namespace {
@@ -56,20 +66,21 @@ inline void accumulate_sample(
   }
 }
 
+// Forward of the (batch, query) pairs [begin, end) of the flattened (N, Lq).
 template <typename scalar_t>
-void forward_kernel(
+DF_CPU_CLONES void forward_queries(
     const scalar_t* value,
     const int64_t* spatial_shapes,
     const int64_t* level_start_index,
     const scalar_t* sampling_locations,
     const scalar_t* attention_weights,
     scalar_t* output,
-    const Sizes& sizes) {
+    const Sizes& sizes,
+    int64_t begin,
+    int64_t end) {
   const int64_t row_stride = sizes.num_heads * sizes.head_dim;  // between consecutive value rows
   const int64_t samples_per_head = sizes.num_levels * sizes.num_points;
-  // A block of queries per task keeps the scheduling cost small against ~128 samples per query.
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, sizes.num_heads * samples_per_head));
-  at::parallel_for(0, sizes.batch * sizes.num_queries, grain, [&](int64_t begin, int64_t end) {
+  {
     BilinearCorners<scalar_t> corners;
     for (int64_t batch_query = begin; batch_query < end; ++batch_query) {
       const int64_t n = batch_query / sizes.num_queries;
@@ -99,11 +110,68 @@ void forward_kernel(
         }
       }
     }
-  });
+  }
 }
 
+// Backward of one sample whose four corners are inside the map (four distinct rows): returns
+// dot[c] = <grad_out, row_c> and adds weight_c * grad_out to grad_row_c, in one pass over D.
 template <typename scalar_t>
-void backward_kernel(
+inline void backward_interior_sample(
+    const scalar_t* __restrict__ grad_out,
+    const scalar_t* __restrict__ row0,
+    const scalar_t* __restrict__ row1,
+    const scalar_t* __restrict__ row2,
+    const scalar_t* __restrict__ row3,
+    scalar_t* __restrict__ grad_row0,
+    scalar_t* __restrict__ grad_row1,
+    scalar_t* __restrict__ grad_row2,
+    scalar_t* __restrict__ grad_row3,
+    scalar_t w0,
+    scalar_t w1,
+    scalar_t w2,
+    scalar_t w3,
+    int64_t head_dim,
+    scalar_t* dot) {
+  scalar_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
+#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
+  for (int64_t d = 0; d < head_dim; ++d) {
+    const scalar_t grad = grad_out[d];
+    dot0 += grad * row0[d];
+    dot1 += grad * row1[d];
+    dot2 += grad * row2[d];
+    dot3 += grad * row3[d];
+    grad_row0[d] += w0 * grad;
+    grad_row1[d] += w1 * grad;
+    grad_row2[d] += w2 * grad;
+    grad_row3[d] += w3 * grad;
+  }
+  dot[0] = dot0;
+  dot[1] = dot1;
+  dot[2] = dot2;
+  dot[3] = dot3;
+}
+
+// Backward of one corner inside the map when others are not: returns <grad_out, row> and adds
+// weight * grad_out to grad_row.
+template <typename scalar_t>
+inline scalar_t backward_border_corner(
+    const scalar_t* __restrict__ grad_out,
+    const scalar_t* __restrict__ row,
+    scalar_t* __restrict__ grad_row,
+    scalar_t weight,
+    int64_t head_dim) {
+  scalar_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t d = 0; d < head_dim; ++d) {
+    dot += grad_out[d] * row[d];
+    grad_row[d] += weight * grad_out[d];
+  }
+  return dot;
+}
+
+// Backward of the (batch, head, level) triples [begin, end) of the flattened (N, M, L).
+template <typename scalar_t>
+DF_CPU_CLONES void backward_triples(
     const scalar_t* value,
     const int64_t* spatial_shapes,
     const int64_t* level_start_index,
@@ -113,11 +181,12 @@ void backward_kernel(
     scalar_t* grad_value,
     scalar_t* grad_sampling_locations,
     scalar_t* grad_attention_weights,
-    const Sizes& sizes) {
+    const Sizes& sizes,
+    int64_t begin,
+    int64_t end) {
   const int64_t row_stride = sizes.num_heads * sizes.head_dim;
   const int64_t head_dim = sizes.head_dim;
-  const int64_t num_triples = sizes.batch * sizes.num_heads * sizes.num_levels;
-  at::parallel_for(0, num_triples, 1, [&](int64_t begin, int64_t end) {
+  {
     BilinearCorners<scalar_t> corners;
     for (int64_t triple = begin; triple < end; ++triple) {
       const int64_t l = triple % sizes.num_levels;
@@ -140,62 +209,52 @@ void backward_kernel(
             continue;  // no corner inside: all three gradients stay zero
           }
           const scalar_t attention = attention_weights[sample];
-          const scalar_t* __restrict__ row0 = value_head + corners.row[0] * row_stride;
-          const scalar_t* __restrict__ row1 = value_head + corners.row[1] * row_stride;
-          const scalar_t* __restrict__ row2 = value_head + corners.row[2] * row_stride;
-          const scalar_t* __restrict__ row3 = value_head + corners.row[3] * row_stride;
-          // dot[c] = <grad_out, corner_row_c>, needed for both the location and the weight gradients.
-          scalar_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
-#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
-          for (int64_t d = 0; d < head_dim; ++d) {
-            dot0 += grad_out[d] * row0[d];
-            dot1 += grad_out[d] * row1[d];
-            dot2 += grad_out[d] * row2[d];
-            dot3 += grad_out[d] * row3[d];
-          }
-          // A corner outside the map has value 0 (zero padding): its dot product is 0.
-          dot0 = corners.inside[0] ? dot0 : scalar_t(0);
-          dot1 = corners.inside[1] ? dot1 : scalar_t(0);
-          dot2 = corners.inside[2] ? dot2 : scalar_t(0);
-          dot3 = corners.inside[3] ? dot3 : scalar_t(0);
-
-          // d output / d attention = the bilinear sample.
-          grad_attention_weights[sample] = corners.weight[0] * dot0 + corners.weight[1] * dot1 +
-              corners.weight[2] * dot2 + corners.weight[3] * dot3;
-          // d sample / d px = (1 - fy) (v1 - v0) + fy (v3 - v2), and px = x * W - 0.5 (likewise y).
-          const scalar_t fx = corners.frac_x;
-          const scalar_t fy = corners.frac_y;
-          grad_sampling_locations[2 * sample] =
-              attention * static_cast<scalar_t>(width) * ((1 - fy) * (dot1 - dot0) + fy * (dot3 - dot2));
-          grad_sampling_locations[2 * sample + 1] =
-              attention * static_cast<scalar_t>(height) * ((1 - fx) * (dot2 - dot0) + fx * (dot3 - dot1));
-
-          // d output / d value: scatter into the rows this triple owns. Clamped corners add 0 * grad.
-          const scalar_t w0 = attention * corners.weight[0];
-          const scalar_t w1 = attention * corners.weight[1];
-          const scalar_t w2 = attention * corners.weight[2];
-          const scalar_t w3 = attention * corners.weight[3];
+          const scalar_t* row0 = value_head + corners.row[0] * row_stride;
+          const scalar_t* row1 = value_head + corners.row[1] * row_stride;
+          const scalar_t* row2 = value_head + corners.row[2] * row_stride;
+          const scalar_t* row3 = value_head + corners.row[3] * row_stride;
           scalar_t* grad_row0 = grad_value_head + corners.row[0] * row_stride;
           scalar_t* grad_row1 = grad_value_head + corners.row[1] * row_stride;
           scalar_t* grad_row2 = grad_value_head + corners.row[2] * row_stride;
           scalar_t* grad_row3 = grad_value_head + corners.row[3] * row_stride;
-          // The four rows may coincide (clamped corners), so they are updated one after the other.
-          for (int64_t d = 0; d < head_dim; ++d) {
-            grad_row0[d] += w0 * grad_out[d];
+          const scalar_t w0 = attention * corners.weight[0];
+          const scalar_t w1 = attention * corners.weight[1];
+          const scalar_t w2 = attention * corners.weight[2];
+          const scalar_t w3 = attention * corners.weight[3];
+          // dot[c] = <grad_out, corner_row_c>, needed for both the location and the weight gradients;
+          // d output / d value is scattered (weight * grad_out) into the four rows this triple owns.
+          scalar_t dot[4];
+          if (corners.inside[0] && corners.inside[1] && corners.inside[2] && corners.inside[3]) {
+            // The common case: four distinct rows, one fused pass over the channels.
+            backward_interior_sample(
+                grad_out, row0, row1, row2, row3, grad_row0, grad_row1, grad_row2, grad_row3, w0, w1, w2, w3,
+                head_dim, dot);
+          } else {
+            // On a border, clamped corners share rows: skip them (zero padding: value 0, no gradient).
+            const scalar_t* rows[4] = {row0, row1, row2, row3};
+            scalar_t* grad_rows[4] = {grad_row0, grad_row1, grad_row2, grad_row3};
+            const scalar_t weights[4] = {w0, w1, w2, w3};
+            for (int corner = 0; corner < 4; ++corner) {
+              dot[corner] = corners.inside[corner]
+                  ? backward_border_corner(grad_out, rows[corner], grad_rows[corner], weights[corner], head_dim)
+                  : scalar_t(0);
+            }
           }
-          for (int64_t d = 0; d < head_dim; ++d) {
-            grad_row1[d] += w1 * grad_out[d];
-          }
-          for (int64_t d = 0; d < head_dim; ++d) {
-            grad_row2[d] += w2 * grad_out[d];
-          }
-          for (int64_t d = 0; d < head_dim; ++d) {
-            grad_row3[d] += w3 * grad_out[d];
-          }
+
+          // d output / d attention = the bilinear sample.
+          grad_attention_weights[sample] = corners.weight[0] * dot[0] + corners.weight[1] * dot[1] +
+              corners.weight[2] * dot[2] + corners.weight[3] * dot[3];
+          // d sample / d px = (1 - fy) (v1 - v0) + fy (v3 - v2), and px = x * W - 0.5 (likewise y).
+          const scalar_t fx = corners.frac_x;
+          const scalar_t fy = corners.frac_y;
+          grad_sampling_locations[2 * sample] =
+              attention * static_cast<scalar_t>(width) * ((1 - fy) * (dot[1] - dot[0]) + fy * (dot[3] - dot[2]));
+          grad_sampling_locations[2 * sample + 1] =
+              attention * static_cast<scalar_t>(height) * ((1 - fx) * (dot[2] - dot[0]) + fx * (dot[3] - dot[1]));
         }
       }
     }
-  });
+  }
 }
 
 // float16 and bfloat16 run the float32 kernel on converted copies (float32 accumulation).
@@ -228,10 +287,20 @@ at::Tensor ms_deform_attn_forward_cpu(
   const at::Tensor starts_c = level_start_index.contiguous();
   const at::Tensor locations_c = sampling_locations.contiguous();
   const at::Tensor weights_c = attention_weights.contiguous();
+  // A block of queries per task keeps the scheduling cost small against ~M * L * P samples per query.
+  const int64_t samples_per_query = std::max<int64_t>(1, sizes.num_heads * sizes.num_levels * sizes.num_points);
+  const int64_t grain = std::max<int64_t>(1, 4096 / samples_per_query);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    forward_kernel<scalar_t>(
-        value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(), starts_c.data_ptr<int64_t>(),
-        locations_c.data_ptr<scalar_t>(), weights_c.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), sizes);
+    const scalar_t* value_data = value_c.data_ptr<scalar_t>();
+    const int64_t* shapes_data = shapes_c.data_ptr<int64_t>();
+    const int64_t* starts_data = starts_c.data_ptr<int64_t>();
+    const scalar_t* locations_data = locations_c.data_ptr<scalar_t>();
+    const scalar_t* weights_data = weights_c.data_ptr<scalar_t>();
+    scalar_t* output_data = output.data_ptr<scalar_t>();
+    at::parallel_for(0, sizes.batch * sizes.num_queries, grain, [&](int64_t begin, int64_t end) {
+      forward_queries<scalar_t>(
+          value_data, shapes_data, starts_data, locations_data, weights_data, output_data, sizes, begin, end);
+    });
   });
   return output;
 }
@@ -267,11 +336,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const at::Tensor weights_c = attention_weights.contiguous();
   const at::Tensor grad_output_c = grad_output.contiguous();
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    backward_kernel<scalar_t>(
-        value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(), starts_c.data_ptr<int64_t>(),
-        locations_c.data_ptr<scalar_t>(), weights_c.data_ptr<scalar_t>(), grad_output_c.data_ptr<scalar_t>(),
-        grad_value.data_ptr<scalar_t>(), grad_sampling_locations.data_ptr<scalar_t>(),
-        grad_attention_weights.data_ptr<scalar_t>(), sizes);
+    const scalar_t* value_data = value_c.data_ptr<scalar_t>();
+    const int64_t* shapes_data = shapes_c.data_ptr<int64_t>();
+    const int64_t* starts_data = starts_c.data_ptr<int64_t>();
+    const scalar_t* locations_data = locations_c.data_ptr<scalar_t>();
+    const scalar_t* weights_data = weights_c.data_ptr<scalar_t>();
+    const scalar_t* grad_output_data = grad_output_c.data_ptr<scalar_t>();
+    scalar_t* grad_value_data = grad_value.data_ptr<scalar_t>();
+    scalar_t* grad_locations_data = grad_sampling_locations.data_ptr<scalar_t>();
+    scalar_t* grad_weights_data = grad_attention_weights.data_ptr<scalar_t>();
+    // One (batch, head, level) triple per task: each owns its grad_value rows (see the top of the file).
+    at::parallel_for(0, sizes.batch * sizes.num_heads * sizes.num_levels, 1, [&](int64_t begin, int64_t end) {
+      backward_triples<scalar_t>(
+          value_data, shapes_data, starts_data, locations_data, weights_data, grad_output_data, grad_value_data,
+          grad_locations_data, grad_weights_data, sizes, begin, end);
+    });
   });
   return {grad_value, grad_sampling_locations, grad_attention_weights};
 }
