@@ -52,7 +52,8 @@ def test_box_iou_by_hand():
     boxes2 = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [5.0, 5.0, 6.0, 6.0]])
     iou, union = box_iou(boxes1, boxes2)
     assert iou.shape == union.shape == (1, 3)
-    # Overlap [1, 2] x [1, 2] = 1, union 4 + 4 - 1 = 7; identical boxes; disjoint boxes (union 4 + 1).
+    # Overlap [1, 2] x [1, 2] = 1, union 4 + 4 - 1 = 7; identical boxes; disjoint boxes
+    # (union 4 + 1).
     torch.testing.assert_close(iou, torch.tensor([[1 / 7, 1.0, 0.0]]))
     torch.testing.assert_close(union, torch.tensor([[7.0, 4.0, 5.0]]))
 

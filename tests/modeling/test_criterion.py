@@ -240,7 +240,8 @@ def _distributed_worker(rank, init_file, result_dir):
                 }
                 for count in counts
             ]
-            # Every predicted coordinate is 0.1 from every target coordinate: L1 0.4 per matched box.
+            # Every predicted coordinate is 0.1 from every target coordinate: L1 0.4 per
+            # matched box.
             outputs = {
                 "pred_logits": torch.zeros(len(counts), 2, 1),
                 "pred_boxes": torch.full((len(counts), 2, 4), 0.35),
@@ -255,7 +256,10 @@ def _distributed_worker(rank, init_file, result_dir):
 def test_num_boxes_is_averaged_over_workers(tmp_path):
     # fork: the children need not import the package again (spawn would, for seconds).
     mp.start_processes(
-        _distributed_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork"
+        _distributed_worker,
+        args=(str(tmp_path / "init"), str(tmp_path)),
+        nprocs=2,
+        start_method="fork",
     )
     for rank in range(2):
         results = torch.load(tmp_path / f"{rank}.pt")
@@ -292,3 +296,24 @@ def test_constructor_validation():
         SetCriterion(3, HungarianMatcher(), weight_dict={**UNIT_WEIGHTS, "loss_ce": 1.0})
     with pytest.raises(ValueError, match="loss_giou"):
         SetCriterion(3, HungarianMatcher(), weight_dict={"loss_class": 1.0, "loss_bbox": 1.0})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_criterion_on_cuda_matches_cpu():
+    generator = torch.Generator().manual_seed(8)
+    outputs, _, _ = random_outputs(generator)
+    outputs["aux_outputs"] = [random_outputs(generator)[0]]
+    criterion = SetCriterion(3, HungarianMatcher())
+    cpu_losses = criterion(outputs, make_targets())
+    cuda_outputs = {
+        "pred_logits": outputs["pred_logits"].cuda(),
+        "pred_boxes": outputs["pred_boxes"].cuda(),
+        "aux_outputs": [{key: value.cuda() for key, value in outputs["aux_outputs"][0].items()}],
+    }
+    cuda_targets = [
+        {key: value.cuda() for key, value in target.items()} for target in make_targets()
+    ]
+    cuda_losses = criterion(cuda_outputs, cuda_targets)
+    for key, loss in cpu_losses.items():
+        assert cuda_losses[key].device.type == "cuda"
+        torch.testing.assert_close(cuda_losses[key].cpu(), loss, rtol=1e-4, atol=1e-5)

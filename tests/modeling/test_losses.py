@@ -20,7 +20,8 @@ def test_focal_loss_single_logit_by_hand():
     assert sigmoid_focal_loss(single(0.0), single(0.0), 1).item() == pytest.approx(
         0.75 * 0.25 * math.log(2)
     )
-    # logit log 3: p = 0.75. Positive: 0.25 * 0.25^2 * -log 0.75; negative: 0.75 * 0.75^2 * -log 0.25.
+    # logit log 3: p = 0.75. Positive: 0.25 * 0.25^2 * -log 0.75;
+    # negative: 0.75 * 0.75^2 * -log 0.25.
     logit = math.log(3)
     assert sigmoid_focal_loss(single(logit), single(1.0), 1).item() == pytest.approx(
         0.25 * 0.0625 * -math.log(0.75)

@@ -6,7 +6,8 @@ from deformable_family.modeling.postprocessing import detr_inference, postproces
 
 
 def test_topk_over_queries_and_classes_by_hand():
-    # Sigmoid is monotonic, so the order follows the logits: (q0, c1) = 3, (q1, c0) = 2, (q0, c0) = 0.
+    # Sigmoid is monotonic, so the order follows the logits:
+    # (q0, c1) = 3, (q1, c0) = 2, (q0, c0) = 0.
     logits = torch.tensor([[[0.0, 3.0], [2.0, -1.0]]])
     boxes = torch.tensor([[[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]]])
     (instances,) = detr_inference(logits, boxes, [(100, 200)], num_topk=3)
