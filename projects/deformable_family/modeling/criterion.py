@@ -64,7 +64,9 @@ def _matched_positions(indices: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Te
 
 class SetCriterion(nn.Module):
     """
-    Losses of a set-prediction detector with deep supervision (Deformable DETR, Sec. 4.1 and A.4).
+    Losses of a set-prediction detector with deep supervision: DETR's Hungarian loss with the
+    sigmoid focal classification loss of Deformable DETR (weight 2 in its implementation details),
+    also applied to the two-stage proposals (Deformable DETR, appendix A.4).
 
     Keys of the returned dict: ``loss_class``, ``loss_bbox``, ``loss_giou`` for the final output;
     the same with suffix ``_{i}`` for ``outputs["aux_outputs"][i]`` and ``_enc`` for
