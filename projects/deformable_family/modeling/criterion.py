@@ -148,7 +148,8 @@ class SetCriterion(nn.Module):
         if "enc_outputs" in outputs:
             enc_outputs = outputs["enc_outputs"]
             # The proposals are scored as foreground vs. background: every target becomes class 0,
-            # as in the authors' code (which keeps C logits and so trains only the first one).
+            # as in the authors' code. With C proposal logits (as they have), column 0 learns
+            # foreground and the other columns are always negatives.
             binary_targets = [
                 {"labels": torch.zeros_like(target["labels"]), "boxes": target["boxes"]}
                 for target in targets
