@@ -166,7 +166,7 @@ def test_each_output_set_is_matched_and_enc_targets_are_binary():
     torch.testing.assert_close(losses["loss_class_enc"], expected)
 
 
-def test_enc_outputs_with_all_class_logits_train_the_first():
+def test_enc_outputs_with_all_class_logits_positive_in_column_0():
     generator = torch.Generator().manual_seed(4)
     outputs, _, _ = random_outputs(generator)
     enc_logits = torch.randn(2, 4, 3, generator=generator, dtype=torch.float64)
