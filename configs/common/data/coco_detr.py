@@ -7,7 +7,7 @@ from deformable_family.data import DetrDatasetMapper, RandomSelect, load_dataset
 from deformable_family.evaluation import build_coco_evaluator
 
 # The authors' augmentation: flip, then either a multi-scale resize or resize -> crop -> resize.
-MULTI_SCALE = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+_MULTI_SCALE = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
 
 dataloader = OmegaConf.create()
 
@@ -18,11 +18,11 @@ dataloader.train = L(build_detection_train_loader)(
         augmentations=[
             L(T.RandomFlip)(horizontal=True),
             L(RandomSelect)(
-                first=L(T.ResizeShortestEdge)(short_edge_length=MULTI_SCALE, max_size=1333, sample_style="choice"),
+                first=L(T.ResizeShortestEdge)(short_edge_length=_MULTI_SCALE, max_size=1333, sample_style="choice"),
                 second=[
                     L(T.ResizeShortestEdge)(short_edge_length=[400, 500, 600], sample_style="choice"),
                     L(T.RandomCrop)(crop_type="absolute_range", crop_size=(384, 600)),
-                    L(T.ResizeShortestEdge)(short_edge_length=MULTI_SCALE, max_size=1333, sample_style="choice"),
+                    L(T.ResizeShortestEdge)(short_edge_length=_MULTI_SCALE, max_size=1333, sample_style="choice"),
                 ],
                 prob=0.5,
             ),

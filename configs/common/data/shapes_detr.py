@@ -1,0 +1,51 @@
+# The synthetic "shapes" dataset (deformable_family.data.shapes: 128-160 px images, 5 categories)
+# with the DETR augmentation recipe scaled to its image size (COCO's sizes divided by about 5):
+# flip, then either a multi-scale resize or resize -> random crop -> resize.
+from detectron2.config import LazyCall as L
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import transforms as T
+from omegaconf import OmegaConf
+
+from deformable_family.data import DetrDatasetMapper, RandomSelect, load_dataset_dicts
+from deformable_family.evaluation import build_coco_evaluator
+
+_MULTI_SCALE = [96, 112, 128, 144, 160]
+
+dataloader = OmegaConf.create()
+
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(load_dataset_dicts)(names="shapes_train", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(
+        is_train=True,
+        augmentations=[
+            L(T.RandomFlip)(horizontal=True),
+            L(RandomSelect)(
+                first=L(T.ResizeShortestEdge)(short_edge_length=_MULTI_SCALE, max_size=267, sample_style="choice"),
+                second=[
+                    L(T.ResizeShortestEdge)(short_edge_length=[96, 112, 128], sample_style="choice"),
+                    L(T.RandomCrop)(crop_type="absolute_range", crop_size=(80, 128)),
+                    L(T.ResizeShortestEdge)(short_edge_length=_MULTI_SCALE, max_size=267, sample_style="choice"),
+                ],
+                prob=0.5,
+            ),
+        ],
+        image_format="RGB",
+    ),
+    total_batch_size=8,
+    num_workers=1,
+)
+
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(load_dataset_dicts)(names="shapes_val", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(
+        is_train=False,
+        augmentations=[L(T.ResizeShortestEdge)(short_edge_length=128, max_size=213)],
+        image_format="RGB",
+    ),
+    num_workers=1,
+)
+
+dataloader.evaluator = L(build_coco_evaluator)(
+    dataset_name="${..test.dataset.names}",
+    output_dir=None,
+)
