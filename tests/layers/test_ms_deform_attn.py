@@ -1,0 +1,357 @@
+"""Tests of the deformable-sampling op on CPU: kernel against the reference, gradients,
+out-of-map and non-finite locations, validation, determinism, empty inputs, the fallback.
+
+The CPU kernel tests need the compiled extension; they skip with the reason when it is missing.
+The helpers at the top are imported by test_ms_deform_attn_compile.py and test_ms_deform_attn_cuda.py.
+"""
+import itertools
+import warnings
+from typing import Sequence, Tuple
+
+import pytest
+import torch
+
+from deformable_family.layers import ms_deform_attn, ms_deform_attn_reference
+from deformable_family.layers import ms_deform_attn_op
+from deformable_family.layers.ms_deform_attn_op import compiled_kernels
+
+
+def level_tensors(level_shapes: Sequence[Tuple[int, int]], device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+    """spatial_shapes (L, 2) and level_start_index (L,) for the given (H, W) levels."""
+    spatial_shapes = torch.tensor(level_shapes, dtype=torch.int64, device=device).reshape(-1, 2)
+    areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+    level_start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    return spatial_shapes, level_start_index
+
+
+def make_inputs(
+    batch: int,
+    level_shapes: Sequence[Tuple[int, int]],
+    num_heads: int,
+    head_dim: int,
+    num_queries: int,
+    num_points: int,
+    dtype=torch.float64,
+    device="cpu",
+    seed: int = 0,
+    margin: float = 0.3,
+):
+    """Random inputs; locations are uniform in [-margin, 1 + margin], so with margin > 0 some samples
+    fall (partly or wholly) outside their map."""
+    generator = torch.Generator().manual_seed(seed)
+    spatial_shapes, level_start_index = level_tensors(level_shapes, device)
+    num_rows = int(sum(h * w for h, w in level_shapes))
+    num_levels = len(level_shapes)
+    value = torch.randn(batch, num_rows, num_heads, head_dim, generator=generator, dtype=dtype)
+    locations = torch.rand(batch, num_queries, num_heads, num_levels, num_points, 2, generator=generator, dtype=dtype)
+    locations = locations * (1 + 2 * margin) - margin
+    weights = torch.rand(batch, num_queries, num_heads, num_levels, num_points, generator=generator, dtype=dtype)
+    return (
+        value.to(device),
+        spatial_shapes,
+        level_start_index,
+        locations.to(device),
+        weights.to(device),
+    )
+
+
+def naive_bilinear(value_level: torch.Tensor, x: float, y: float) -> torch.Tensor:
+    """Bilinear sample of one (H, W, D) map at normalised (x, y), written out corner by corner:
+    pixel centres at ((i + 0.5) / W, (j + 0.5) / H), zero outside. Returns (D,)."""
+    height, width, _ = value_level.shape
+    px, py = x * width - 0.5, y * height - 0.5
+    out = torch.zeros(value_level.shape[-1], dtype=value_level.dtype)
+    if not (-1 < px < width and -1 < py < height):
+        return out
+    x0, y0 = int(torch.floor(torch.tensor(px))), int(torch.floor(torch.tensor(py)))
+    for yi, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
+        for xi, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
+            if 0 <= yi < height and 0 <= xi < width:
+                out += wy * wx * value_level[yi, xi]
+    return out
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max(|expected|), the error relative to the tensor's scale."""
+    scale = expected.abs().max().clamp_min(1e-30)
+    return float((actual - expected).abs().max() / scale)
+
+
+requires_cpu_kernel = pytest.mark.skipif(
+    "cpu" not in compiled_kernels(), reason="deformable_family._C (the compiled CPU kernel) is not built"
+)
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def forward_and_grads(op, inputs, grad_output_seed: int = 1, grad_output_dtype=None):
+    """Runs op on fresh leaf copies of inputs; returns (output, grad_value, grad_locations, grad_weights).
+    grad_output is random (seeded), drawn in float64 and rounded to grad_output_dtype if given."""
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    leaves = [t.detach().clone().requires_grad_() for t in (value, locations, weights)]
+    output = op(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2])
+    generator = torch.Generator().manual_seed(grad_output_seed)
+    grad_output = torch.randn(output.shape, generator=generator, dtype=torch.float64)
+    if grad_output_dtype is not None:
+        grad_output = grad_output.to(grad_output_dtype)
+    grad_output = grad_output.to(device=output.device, dtype=output.dtype)
+    grads = torch.autograd.grad(output, leaves, grad_output)
+    return (output.detach(),) + tuple(grads)
+
+
+def assert_matches_reference(inputs, tolerance: float):
+    names = ("output", "grad_value", "grad_sampling_locations", "grad_attention_weights")
+    actual = forward_and_grads(ms_deform_attn, inputs)
+    expected = forward_and_grads(ms_deform_attn_reference, inputs)
+    for name, a, e in zip(names, actual, expected):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        assert e.abs().max() > 0, f"{name} of the reference is all zero: the case tests nothing"
+        error = relative_error(a, e)
+        assert error <= tolerance, f"{name}: relative error {error:.3g} > {tolerance:.1g}"
+
+
+# Every head_dim, level count and point count of the spec, on non-square levels, batch 2.
+LEVELS = {1: [(6, 9)], 4: [(7, 5), (4, 6), (3, 2), (1, 3)]}
+CASES = list(itertools.product((1, 30, 32, 64, 71, 257), (1, 4), (1, 4, 8)))
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim,num_levels,num_points", CASES)
+def test_matches_reference(head_dim, num_levels, num_points, dtype):
+    seed = head_dim * 100 + num_levels * 10 + num_points
+    inputs = make_inputs(2, LEVELS[num_levels], 2, head_dim, 5, num_points, dtype=dtype, seed=seed)
+    assert_matches_reference(inputs, TOLERANCE[dtype])
+
+
+@requires_cpu_kernel
+def test_pixel_centres_and_corners_match_naive_bilinear():
+    """Independent of grid_sample: locations at pixel centres, pixel corners and the map border."""
+    level_shapes = [(3, 4), (2, 5)]
+    value, spatial_shapes, level_start_index, _, _ = make_inputs(1, level_shapes, 1, 3, 1, 1, seed=3)
+    points = [(0.5 / 4, 0.5 / 3), (0.0, 0.0), (1.0, 1.0), (0.25, 0.5), (3.5 / 4, 2.5 / 3), (-0.1, 0.4), (0.3, 1.1)]
+    locations = torch.tensor(points, dtype=torch.float64)  # (Lq, 2), each on both levels
+    num_queries = len(points)
+    sampling_locations = locations[None, :, None, None, None, :].expand(1, num_queries, 1, 2, 1, 2)
+    weights = torch.tensor([0.7, -1.3], dtype=torch.float64).view(2, 1).expand(1, num_queries, 1, 2, 1)
+    output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, weights)
+    levels = value[0, :, 0].split([12, 10])
+    for q, (x, y) in enumerate(points):
+        expected = 0.7 * naive_bilinear(levels[0].reshape(3, 4, 3), x, y)
+        expected += -1.3 * naive_bilinear(levels[1].reshape(2, 5, 3), x, y)
+        torch.testing.assert_close(output[0, q], expected, rtol=1e-12, atol=1e-12)
+    # The oracle itself: the centre of pixel (row 0, col 0) reads exactly that pixel, and the
+    # top-left corner of the map a quarter of it (three of its four corners are outside).
+    torch.testing.assert_close(naive_bilinear(levels[0].reshape(3, 4, 3), 0.5 / 4, 0.5 / 3), levels[0][0])
+    torch.testing.assert_close(naive_bilinear(levels[0].reshape(3, 4, 3), 0.0, 0.0), 0.25 * levels[0][0])
+
+
+@requires_cpu_kernel
+def test_adamixer_style_points_summed_over_levels_only():
+    """AdaMixer / StageInteractor use: each (query, point) pair is its own query with one point per
+    level, and its level weights need not sum to one (they may be negative or larger than one)."""
+    batch, num_queries, num_points, num_heads, head_dim = 2, 3, 4, 2, 5
+    level_shapes = [(5, 7), (3, 4), (2, 2)]
+    value, spatial_shapes, level_start_index, _, _ = make_inputs(batch, level_shapes, num_heads, head_dim, 1, 1, seed=5)
+    generator = torch.Generator().manual_seed(6)
+    # (N, Q, P, M, 2) points shared by all levels, and free per-level weights (N, Q, P, M, L).
+    points = torch.rand(batch, num_queries, num_points, num_heads, 2, generator=generator, dtype=torch.float64)
+    level_weights = 3 * torch.randn(batch, num_queries, num_points, num_heads, 3, generator=generator, dtype=torch.float64)
+    folded_locations = points.reshape(batch, num_queries * num_points, num_heads, 1, 1, 2).expand(-1, -1, -1, 3, 1, -1)
+    folded_weights = level_weights.reshape(batch, num_queries * num_points, num_heads, 3, 1)
+    output = ms_deform_attn(value, spatial_shapes, level_start_index, folded_locations, folded_weights)
+    per_point = output.view(batch, num_queries, num_points, num_heads, head_dim)
+
+    levels = value.split([35, 12, 4], dim=1)
+    n, q, p, m = 1, 2, 3, 1
+    expected = sum(
+        level_weights[n, q, p, m, l]
+        * naive_bilinear(levels[l][n, :, m].reshape(h, w, head_dim), *points[n, q, p, m].tolist())
+        for l, (h, w) in enumerate(level_shapes)
+    )
+    torch.testing.assert_close(per_point[n, q, p, m], expected, rtol=1e-12, atol=1e-12)
+    assert_matches_reference(
+        (value, spatial_shapes, level_start_index, folded_locations.contiguous(), folded_weights), 1e-10
+    )
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_non_finite_and_far_locations_contribute_nothing(dtype):
+    """nan, +-inf, huge and far negative locations read nothing (no out-of-bounds access), give zero
+    gradients, and leave the other samples untouched."""
+    inputs = make_inputs(2, [(4, 6), (3, 3)], 2, 8, 6, 4, dtype=dtype, seed=7)
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    bad = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 3e9, -3e9, 2.0], dtype=dtype)
+    poisoned = locations.clone()
+    mask = torch.zeros(locations.shape[:-1], dtype=torch.bool)
+    mask[:, :, :, :, 0] = True  # every first point of every level, for all queries and heads
+    count = int(mask.sum())
+    poisoned[mask] = bad[torch.arange(2 * count) % len(bad)].view(count, 2)
+    # The same samples with zero attention weight contribute nothing either: the expected result.
+    zeroed = weights.masked_fill(mask, 0)
+
+    out_poisoned, grad_value, grad_locations, grad_weights = forward_and_grads(
+        ms_deform_attn, (value, spatial_shapes, level_start_index, poisoned, weights)
+    )
+    out_zeroed, grad_value_zeroed, _, _ = forward_and_grads(
+        ms_deform_attn, (value, spatial_shapes, level_start_index, locations, zeroed)
+    )
+    torch.testing.assert_close(out_poisoned, out_zeroed, rtol=0, atol=0)
+    torch.testing.assert_close(grad_value, grad_value_zeroed, rtol=0, atol=0)
+    assert torch.all(grad_locations[mask] == 0) and torch.all(grad_weights[mask] == 0)
+    assert torch.isfinite(grad_locations).all() and torch.isfinite(grad_weights).all()
+
+
+@requires_cpu_kernel
+def test_non_contiguous_inputs():
+    inputs = make_inputs(2, [(5, 4), (2, 3)], 3, 6, 4, 2, seed=8)
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    # Same values, other memory layouts: transposed storage and a strided view.
+    value_nc = value.transpose(0, 2).contiguous().transpose(0, 2)
+    locations_nc = torch.stack([locations, -locations], dim=-1)[..., 0]
+    weights_nc = weights.transpose(1, 3).contiguous().transpose(1, 3)
+    shapes_nc = torch.stack([spatial_shapes, -spatial_shapes], dim=-1)[..., 0]
+    assert not (value_nc.is_contiguous() or locations_nc.is_contiguous() or weights_nc.is_contiguous())
+    assert not shapes_nc.is_contiguous()
+    torch.testing.assert_close(locations_nc, locations, rtol=0, atol=0)
+    expected = forward_and_grads(ms_deform_attn, inputs)
+    actual = forward_and_grads(ms_deform_attn, (value_nc, shapes_nc, level_start_index, locations_nc, weights_nc))
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert_matches_reference((value_nc, shapes_nc, level_start_index, locations_nc, weights_nc), 1e-10)
+
+
+@requires_cpu_kernel
+def test_backward_is_deterministic_across_runs_and_thread_counts():
+    inputs = make_inputs(2, [(9, 11), (5, 6), (3, 3)], 4, 16, 64, 4, dtype=torch.float32, seed=9, margin=0.0)
+    first = forward_and_grads(ms_deform_attn, inputs)
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in (threads, 1, max(2, threads)):
+            torch.set_num_threads(num_threads)
+            again = forward_and_grads(ms_deform_attn, inputs)
+            for a, b in zip(again, first):
+                assert torch.equal(a, b), f"not bit-identical with {num_threads} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@requires_cpu_kernel
+def test_gradcheck_float64():
+    inputs = make_inputs(1, [(3, 4), (2, 2)], 2, 3, 2, 2, seed=10, margin=0.2)
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    # gradcheck perturbs locations by 1e-6: keep them away from integer pixel coordinates, where the
+    # bilinear interpolation has kinks and finite differences disagree with the exact derivative.
+    shape = spatial_shapes.flip(-1).to(torch.float64)[None, None, None, :, None, :]  # (W, H) per level
+    pixel = locations * shape - 0.5
+    locations = ((pixel.floor() + 0.25 + 0.5 * (pixel - pixel.floor())) + 0.5) / shape
+
+    def op(v, loc, w):
+        return ms_deform_attn(v, spatial_shapes, level_start_index, loc, w)
+
+    args = tuple(t.clone().requires_grad_() for t in (value, locations, weights))
+    assert torch.autograd.gradcheck(op, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_inputs_are_computed_in_float32(dtype):
+    inputs = make_inputs(1, [(4, 5), (2, 3)], 2, 8, 4, 2, dtype=torch.float32, seed=11)
+    low = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+    # The kernel on 16-bit inputs equals the float32 kernel on the same (rounded) values, rounded once.
+    rounded = tuple(t.to(torch.float32) if t.is_floating_point() else t for t in low)
+    actual = forward_and_grads(ms_deform_attn, low)
+    expected = forward_and_grads(ms_deform_attn, rounded, grad_output_dtype=dtype)
+    for a, e in zip(actual, expected):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, e.to(dtype), rtol=0, atol=0)
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("batch,num_queries", [(0, 3), (2, 0), (0, 0)])
+def test_empty_inputs_give_empty_outputs(batch, num_queries):
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        batch, [(3, 2), (1, 2)], 2, 4, num_queries, 3, seed=12
+    )
+    output, grad_value, grad_locations, grad_weights = forward_and_grads(
+        ms_deform_attn, (value, spatial_shapes, level_start_index, locations, weights)
+    )
+    assert output.shape == (batch, num_queries, 8)
+    assert grad_value.shape == value.shape and grad_locations.shape == locations.shape
+    assert grad_weights.shape == weights.shape
+    assert torch.all(grad_value == 0)
+
+
+def _valid_inputs():
+    return make_inputs(2, [(3, 4), (2, 2)], 2, 4, 3, 2, seed=13)
+
+
+def _replace(index, tensor):
+    inputs = list(_valid_inputs())
+    inputs[index] = tensor
+    return inputs
+
+
+INVALID_INPUTS = {
+    "value rank": (lambda: _replace(0, torch.zeros(2, 16, 8, dtype=torch.float64)), ValueError, "value"),
+    "value rows": (lambda: _replace(0, torch.zeros(2, 15, 2, 4, dtype=torch.float64)), ValueError, "S = 15"),
+    "value int": (lambda: _replace(0, torch.zeros(2, 16, 2, 4, dtype=torch.int64)), TypeError, "value"),
+    "shapes rank": (lambda: _replace(1, torch.tensor([3, 4, 2, 2])), ValueError, "spatial_shapes"),
+    "shapes float": (lambda: _replace(1, torch.tensor([[3.0, 4.0], [2.0, 2.0]])), TypeError, "spatial_shapes"),
+    "shapes sum": (lambda: _replace(1, torch.tensor([[3, 4], [2, 3]])), ValueError, "spatial_shapes"),
+    "start value": (lambda: _replace(2, torch.tensor([0, 11])), ValueError, "level_start_index"),
+    "start shape": (lambda: _replace(2, torch.tensor([0, 12, 16])), ValueError, "level_start_index"),
+    "start int32": (lambda: _replace(2, torch.tensor([0, 12], dtype=torch.int32)), TypeError, "level_start_index"),
+    "locations rank": (
+        lambda: _replace(3, torch.zeros(2, 3, 2, 2, 4, dtype=torch.float64)), ValueError, "sampling_locations"),
+    "locations levels": (
+        lambda: _replace(3, torch.zeros(2, 3, 2, 3, 2, 2, dtype=torch.float64)), ValueError, "sampling_locations"),
+    "locations dtype": (
+        lambda: _replace(3, torch.zeros(2, 3, 2, 2, 2, 2, dtype=torch.float32)), TypeError, "sampling_locations"),
+    "weights points": (
+        lambda: _replace(4, torch.zeros(2, 3, 2, 2, 3, dtype=torch.float64)), ValueError, "attention_weights"),
+    "weights dtype": (
+        lambda: _replace(4, torch.zeros(2, 3, 2, 2, 2, dtype=torch.float32)), TypeError, "attention_weights"),
+    "weights device": (
+        lambda: _replace(4, torch.zeros(2, 3, 2, 2, 2, dtype=torch.float64, device="meta")), ValueError,
+        "attention_weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID_INPUTS))
+def test_invalid_inputs_raise_naming_the_argument(case):
+    make, error, fragment = INVALID_INPUTS[case]
+    with pytest.raises(error, match=fragment):
+        ms_deform_attn(*make())
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("case", list(INVALID_INPUTS))
+def test_operator_validates_in_cpp(case):
+    """The op called directly (no Python checks) raises the same kinds of errors before any kernel."""
+    make, error, fragment = INVALID_INPUTS[case]
+    with pytest.raises(error, match=fragment):
+        torch.ops.deformable_family.ms_deform_attn(*make())
+
+
+def test_compiled_kernels_reports_the_build():
+    kernels = compiled_kernels()
+    assert set(kernels) <= {"cpu", "cuda"}
+    if ms_deform_attn_op._C is not None:
+        assert kernels[0] == "cpu"
+        assert ("cuda" in kernels) == ms_deform_attn_op._C.compiled_with_cuda()
+
+
+def test_fallback_warns_once_and_uses_the_reference(monkeypatch):
+    monkeypatch.setattr(ms_deform_attn_op, "_C", None)
+    monkeypatch.setattr(ms_deform_attn_op, "_warned_fallback", set())
+    inputs = _valid_inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        output = ms_deform_attn(*inputs)
+        ms_deform_attn(*inputs)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "ms_deform_attn_reference" in messages[0]
+    torch.testing.assert_close(output, ms_deform_attn_reference(*inputs), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="level_start_index"):
+        ms_deform_attn(*_replace(2, torch.tensor([0, 11])))
