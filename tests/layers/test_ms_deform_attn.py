@@ -344,6 +344,7 @@ def test_compiled_kernels_reports_the_build():
 
 def test_fallback_warns_once_and_uses_the_reference(monkeypatch):
     monkeypatch.setattr(ms_deform_attn_op, "_C", None)
+    monkeypatch.setattr(ms_deform_attn_op, "_COMPILED_KERNELS", ())
     monkeypatch.setattr(ms_deform_attn_op, "_warned_fallback", set())
     inputs = _valid_inputs()
     with warnings.catch_warnings(record=True) as caught:

@@ -25,14 +25,14 @@ __all__ = ["ms_deform_attn", "compiled_kernels", "check_ms_deform_attn_inputs"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _warned_fallback = set()
+# Queried once: a constant that torch.compile can trace through (a pybind call would break the graph).
+_COMPILED_KERNELS: Tuple[str, ...] = () if _C is None else ("cpu", "cuda") if _C.compiled_with_cuda() else ("cpu",)
 
 
 def compiled_kernels() -> List[str]:
     """Devices with a compiled ``ms_deform_attn`` kernel in this build, e.g. ``["cpu", "cuda"]``;
     ``[]`` when the extension ``deformable_family._C`` is missing."""
-    if _C is None:
-        return []
-    return ["cpu", "cuda"] if _C.compiled_with_cuda() else ["cpu"]
+    return list(_COMPILED_KERNELS)
 
 
 def _shape(tensor: torch.Tensor) -> Tuple[int, ...]:
@@ -181,7 +181,7 @@ def ms_deform_attn(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, check_levels=False
     )
     device_type = value.device.type
-    if device_type in compiled_kernels():
+    if device_type in _COMPILED_KERNELS:
         # Level values are checked in C++, once, right before the kernel runs.
         return torch.ops.deformable_family.ms_deform_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
