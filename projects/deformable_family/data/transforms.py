@@ -11,13 +11,15 @@ __all__ = ["RandomSelect", "RandomChoiceAugmentation"]
 def _as_augmentation(aug: Union[T.Augmentation, Sequence[T.Augmentation]], name: str) -> T.Augmentation:
     if isinstance(aug, T.Augmentation):
         return aug
+    if isinstance(aug, T.Transform):  # a fixed transform, as AugmentationList accepts
+        return T.AugmentationList([aug])
     # LazyConfig's instantiate hands lists over as omegaconf ListConfig, a Sequence.
     if isinstance(aug, abc.Sequence) and not isinstance(aug, str):
         aug = list(aug)
-        if not all(isinstance(a, T.Augmentation) for a in aug):
-            raise TypeError(f"RandomSelect: every element of {name} must be a detectron2 Augmentation")
+        if not all(isinstance(a, (T.Augmentation, T.Transform)) for a in aug):
+            raise TypeError(f"RandomSelect: every element of {name} must be a detectron2 Augmentation or Transform")
         return T.AugmentationList(aug)
-    raise TypeError(f"RandomSelect: {name} must be an Augmentation or a list of them, got {type(aug).__name__}")
+    raise TypeError(f"RandomSelect: {name} must be an Augmentation/Transform or a list of them, got {type(aug).__name__}")
 
 
 class RandomSelect(T.Augmentation):
@@ -37,8 +39,8 @@ class RandomSelect(T.Augmentation):
     ):
         """
         Args:
-            first: an augmentation, or a list of them applied in order.
-            second: an augmentation, or a list of them applied in order.
+            first: an augmentation or transform, or a list of them applied in order.
+            second: an augmentation or transform, or a list of them applied in order.
             prob: probability of choosing ``first``, in [0, 1].
         """
         super().__init__()
