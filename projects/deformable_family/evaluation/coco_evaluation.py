@@ -1,8 +1,10 @@
 """COCO box evaluation that works with and without detectron2's compiled ops."""
 import inspect
 import logging
+import os
 from typing import Optional
 
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 
 from ..utils.d2_compat import detectron2_has_compiled_ops
@@ -33,6 +35,11 @@ def build_coco_evaluator(
     """
     if not isinstance(dataset_name, str) or not dataset_name:
         raise ValueError(f"build_coco_evaluator: dataset_name must be a non-empty string, got {dataset_name!r}")
+    json_file = MetadataCatalog.get(dataset_name).get("json_file", None)
+    if json_file is not None and "://" not in json_file and not os.path.exists(json_file):
+        # Datasets generated on first use (the synthetic "shapes") write their json when their
+        # dicts are first loaded; COCOEvaluator reads the json in its constructor.
+        DatasetCatalog.get(dataset_name)
     use_fast_impl = detectron2_has_compiled_ops()
     if not use_fast_impl:
         logger.info("detectron2 has no compiled ops: COCO evaluation uses pycocotools' Python COCOeval")
