@@ -86,6 +86,22 @@ def test_training_every_trainable_parameter_gets_gradient(variant):
     assert frozen and all(name.startswith(("backbone.body.stem.", "backbone.body.res2.")) for name in frozen)
 
 
+def test_zero_gradients_at_init_come_only_from_zero_initialised_layers():
+    """At the authors' initialisation a few parameters get an exactly zero gradient on the first
+    step (the authors' model behaves the same): the level embedding only reaches the sampling offsets
+    and attention weights through zero-initialised weights, and the box heads' hidden layers sit
+    behind a zero-initialised last layer. Nothing else may be zero."""
+    torch.manual_seed(0)
+    model = instantiate(tiny_model_config("box_refine"))
+    model.train()
+    sum(model(make_batch()).values()).backward()
+    zero = {name for name, p in model.named_parameters() if p.requires_grad and p.grad.abs().sum() == 0}
+    expected = {"transformer.level_embed"} | {
+        f"bbox_embed.{i}.layers.{k}.{kind}" for i in range(2) for k in (0, 1) for kind in ("weight", "bias")
+    }
+    assert zero == expected
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_inference_returns_instances_inside_output_size(variant):
     torch.manual_seed(0)
