@@ -8,6 +8,7 @@ category rows of the class heads to detectron2's 80 contiguous classes, checks t
 into the matching config in configs/deformable_detr/ with no missing or unexpected keys, prints that
 config, and writes {"model": state_dict} for detectron2's DetectionCheckpointer.
 """
+
 import argparse
 import os
 import sys
@@ -16,9 +17,16 @@ from typing import List
 import torch
 from detectron2.config import LazyConfig, instantiate
 
-from deformable_family.checkpoint import check_fits_model, config_name_for, convert_official_state_dict, detect_variant
+from deformable_family.checkpoint import (
+    check_fits_model,
+    config_name_for,
+    convert_official_state_dict,
+    detect_variant,
+)
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "deformable_detr")
+CONFIG_DIR = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "configs", "deformable_detr"
+)
 
 
 def load_official(path: str) -> dict:
@@ -43,19 +51,29 @@ def structure_overrides(variant, num_classes: int, proposal_num_classes: int) ->
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("input", help="the authors' checkpoint (.pth, a dict with 'model')")
     parser.add_argument("output", help="where to write {'model': state_dict}")
-    parser.add_argument("--num-classes", type=int, default=80, help="80 (detectron2's COCO ids) or 91 (keep rows)")
-    parser.add_argument("--proposal-num-classes", type=int, default=1, help="two-stage proposal head width")
-    parser.add_argument("--config-file", default=None, help="config to check against (default: the matching one)")
+    parser.add_argument(
+        "--num-classes", type=int, default=80, help="80 (detectron2's COCO ids) or 91 (keep rows)"
+    )
+    parser.add_argument(
+        "--proposal-num-classes", type=int, default=1, help="two-stage proposal head width"
+    )
+    parser.add_argument(
+        "--config-file", default=None, help="config to check against (default: the matching one)"
+    )
     args = parser.parse_args(argv)
 
     checkpoint = load_official(args.input)
     variant = detect_variant(checkpoint)
     converted = convert_official_state_dict(checkpoint, args.num_classes, args.proposal_num_classes)
 
-    config_file = args.config_file or os.path.normpath(os.path.join(CONFIG_DIR, config_name_for(variant)))
+    config_file = args.config_file or os.path.normpath(
+        os.path.join(CONFIG_DIR, config_name_for(variant))
+    )
     overrides = structure_overrides(variant, args.num_classes, args.proposal_num_classes)
     cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), overrides)
     with torch.device("meta"):

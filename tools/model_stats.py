@@ -13,6 +13,7 @@ image of the given size in inference mode. Ops fvcore does not know get handles 
   (Q K^T and the weighted sum of V).
 Element-wise ops (softmax, activations, additions) are not counted, as in fvcore.
 """
+
 import argparse
 import logging
 import sys
@@ -62,13 +63,18 @@ def count_flops(model: torch.nn.Module, height: int, width: int) -> FlopCountAna
     mask = torch.zeros(1, height, width, dtype=torch.bool)
     analysis = FlopCountAnalysis(_ImageForward(model).eval(), (images, mask))
     analysis.set_op_handle(
-        "deformable_family::ms_deform_attn", ms_deform_attn_flop, "aten::scaled_dot_product_attention", sdpa_flop
+        "deformable_family::ms_deform_attn",
+        ms_deform_attn_flop,
+        "aten::scaled_dot_product_attention",
+        sdpa_flop,
     )
     return analysis
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1067)
@@ -89,8 +95,10 @@ def main(argv=None) -> int:
     from deformable_family.layers.ms_deform_attn_op import compiled_kernels
 
     if "cpu" not in compiled_kernels():
-        print("warning: the compiled op is missing; the reference path is traced instead and its sampling is "
-              "counted by fvcore's grid_sampler handle only (the weighted sum is not counted)")
+        print(
+            "warning: the compiled op is missing; the reference path is traced instead and its sampling is "
+            "counted by fvcore's grid_sampler handle only (the weighted sum is not counted)"
+        )
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     with torch.no_grad():
         analysis = count_flops(model, args.height, args.width)
@@ -101,7 +109,10 @@ def main(argv=None) -> int:
     for name in ("model.backbone", "model.transformer.encoder", "model.transformer.decoder"):
         print(f"  {name[len('model.'):]}: {by_module.get(name, 0) / 1e9:.1f}")
     by_operator = Counter(analysis.by_operator())
-    print("  by operator: " + ", ".join(f"{op} {flops / 1e9:.1f}" for op, flops in by_operator.most_common()))
+    print(
+        "  by operator: "
+        + ", ".join(f"{op} {flops / 1e9:.1f}" for op, flops in by_operator.most_common())
+    )
     skipped = analysis.unsupported_ops()
     if skipped:
         print("  not counted: " + ", ".join(f"{op} x{n}" for op, n in sorted(skipped.items())))

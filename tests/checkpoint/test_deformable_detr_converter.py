@@ -4,6 +4,7 @@ The official-layout state dicts are synthesised here from the documented key lis
 code (torchvision ResNet names, their transformer names, their repeated/shared heads), independently
 of this package's modules, with random values so that every tensor can be traced through the conversion.
 """
+
 import os
 import sys
 
@@ -14,7 +15,11 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
 
-from deformable_family.checkpoint import check_fits_model, convert_official_state_dict, detect_variant
+from deformable_family.checkpoint import (
+    check_fits_model,
+    convert_official_state_dict,
+    detect_variant,
+)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "modeling"))
 from test_deformable_detr import VARIANTS, tiny_model_config  # noqa: E402
@@ -24,8 +29,16 @@ import convert_official_deformable_detr as convert_tool  # noqa: E402
 
 
 def official_state_dict(
-    variant: str, depth: int = 18, d_model: int = 64, d_ffn: int = 128, n_heads: int = 4, n_points: int = 2,
-    num_encoder_layers: int = 2, num_decoder_layers: int = 2, num_queries: int = 10, num_classes: int = 91,
+    variant: str,
+    depth: int = 18,
+    d_model: int = 64,
+    d_ffn: int = 128,
+    n_heads: int = 4,
+    n_points: int = 2,
+    num_encoder_layers: int = 2,
+    num_decoder_layers: int = 2,
+    num_queries: int = 10,
+    num_classes: int = 91,
     random: bool = True,
 ):
     """The authors' model layout (models/deformable_detr.py, deformable_transformer.py, backbone.py)."""
@@ -37,7 +50,9 @@ def official_state_dict(
     resnet = getattr(torchvision.models, f"resnet{depth}")(weights=None)
     for key, value in resnet.state_dict().items():
         if not key.startswith("fc."):
-            state[f"backbone.0.body.{key}"] = make(value.shape) if value.is_floating_point() else value
+            state[f"backbone.0.body.{key}"] = (
+                make(value.shape) if value.is_floating_point() else value
+            )
     stage_channels = [128, 256, 512] if depth < 50 else [512, 1024, 2048]
     in_channels = stage_channels[-1:] if num_levels == 1 else stage_channels + [stage_channels[-1]]
     for level, channels in enumerate(in_channels):
@@ -125,8 +140,12 @@ def test_converted_loads_strictly_and_keeps_every_tensor(variant):
     check_fits_model(converted, model)
     model.load_state_dict(converted, strict=True)
 
-    rows = {contiguous: dataset for dataset, contiguous in
-            MetadataCatalog.get("coco_2017_train").thing_dataset_id_to_contiguous_id.items()}
+    rows = {
+        contiguous: dataset
+        for dataset, contiguous in MetadataCatalog.get(
+            "coco_2017_train"
+        ).thing_dataset_id_to_contiguous_id.items()
+    }
     num_layers = model.transformer.decoder.num_layers
     for i in range(num_layers if model.with_box_refine else 1):
         for name in ("weight", "bias"):
@@ -135,33 +154,47 @@ def test_converted_loads_strictly_and_keeps_every_tensor(variant):
             for contiguous in (0, 11, 79):
                 torch.testing.assert_close(ours[contiguous], theirs[rows[contiguous]])
     if variant == "two_stage":
-        torch.testing.assert_close(model.proposal_class_embed.weight[0], official[f"class_embed.{num_layers}.weight"][0])
-        torch.testing.assert_close(model.proposal_bbox_embed.layers[2].bias, official[f"bbox_embed.{num_layers}.layers.2.bias"])
+        torch.testing.assert_close(
+            model.proposal_class_embed.weight[0], official[f"class_embed.{num_layers}.weight"][0]
+        )
+        torch.testing.assert_close(
+            model.proposal_bbox_embed.layers[2].bias,
+            official[f"bbox_embed.{num_layers}.layers.2.bias"],
+        )
 
     # Every other tensor of theirs appears, unchanged, exactly once among ours (the random values
     # identify it): nothing is dropped, swapped or duplicated.
     ours_by_value = {}
     for key, value in model.state_dict().items():
         if not key.startswith(("class_embed.", "proposal_class_embed.")):
-            ours_by_value.setdefault(value.flatten()[:4].tolist().__repr__() + str(tuple(value.shape)), []).append(key)
+            ours_by_value.setdefault(
+                value.flatten()[:4].tolist().__repr__() + str(tuple(value.shape)), []
+            ).append(key)
     seen = set()
     for key, value in official.items():
-        if key.startswith(("class_embed.", "transformer.decoder.class_embed.")) or key.endswith("num_batches_tracked"):
+        if key.startswith(("class_embed.", "transformer.decoder.class_embed.")) or key.endswith(
+            "num_batches_tracked"
+        ):
             continue
         if value.data_ptr() in seen:
             continue
         seen.add(value.data_ptr())
-        matches = ours_by_value.get(value.flatten()[:4].tolist().__repr__() + str(tuple(value.shape)), [])
+        matches = ours_by_value.get(
+            value.flatten()[:4].tolist().__repr__() + str(tuple(value.shape)), []
+        )
         assert len(matches) == 1, key
     # Spot-check renames that differ in meaning between the two layouts.
     torch.testing.assert_close(
-        model.transformer.decoder.layers[1].self_attn_norm.weight, official["transformer.decoder.layers.1.norm2.weight"]
+        model.transformer.decoder.layers[1].self_attn_norm.weight,
+        official["transformer.decoder.layers.1.norm2.weight"],
     )
     torch.testing.assert_close(
-        model.transformer.decoder.layers[0].cross_attn_norm.bias, official["transformer.decoder.layers.0.norm1.bias"]
+        model.transformer.decoder.layers[0].cross_attn_norm.bias,
+        official["transformer.decoder.layers.0.norm1.bias"],
     )
     torch.testing.assert_close(
-        model.backbone.body.res3[0].shortcut.norm.running_var, official["backbone.0.body.layer2.0.downsample.1.running_var"]
+        model.backbone.body.res3[0].shortcut.norm.running_var,
+        official["backbone.0.body.layer2.0.downsample.1.running_var"],
     )
 
 
@@ -184,8 +217,15 @@ def test_foreign_checkpoint_is_rejected():
 
 def test_command_line_converts_r50_for_detectron2_checkpointer(tmp_path, capsys):
     official = official_state_dict(
-        "multi_scale", depth=50, d_model=256, d_ffn=1024, n_heads=8, n_points=4, num_encoder_layers=6,
-        num_decoder_layers=6, num_queries=300,
+        "multi_scale",
+        depth=50,
+        d_model=256,
+        d_ffn=1024,
+        n_heads=8,
+        n_points=4,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        num_queries=300,
     )
     source, target = tmp_path / "official.pth", tmp_path / "converted.pth"
     torch.save(official, source)

@@ -1,4 +1,5 @@
 """The Deformable DETR configs load, build, and reproduce the authors' parameter counts."""
+
 import glob
 import math
 import os

@@ -1,4 +1,5 @@
 """MSDeformAttn: the authors' initialisation, sampling geometry and padding."""
+
 import math
 
 import pytest
@@ -20,7 +21,10 @@ def test_initial_offsets_point_along_head_directions():
         for level in range(n_levels):
             for point in range(n_points):
                 torch.testing.assert_close(bias[head, level, point], direction * (point + 1))
-    assert module.attention_weights.weight.abs().sum() == 0 and module.attention_weights.bias.abs().sum() == 0
+    assert (
+        module.attention_weights.weight.abs().sum() == 0
+        and module.attention_weights.bias.abs().sum() == 0
+    )
     assert module.value_proj.bias.abs().sum() == 0 and module.output_proj.bias.abs().sum() == 0
 
 
@@ -51,7 +55,14 @@ def test_padded_values_are_never_attended():
     values = torch.randn(1, height * width, d_model)
     mask = torch.tensor([[False, True, False, False]])
     reference = torch.tensor([[[[1.5 / width, 0.5 / height]]]])  # centre of the masked pixel (0, 1)
-    output = module(torch.randn(1, 1, d_model), reference, values, torch.tensor([[height, width]]), torch.tensor([0]), mask)
+    output = module(
+        torch.randn(1, 1, d_model),
+        reference,
+        values,
+        torch.tensor([[height, width]]),
+        torch.tensor([0]),
+        mask,
+    )
     torch.testing.assert_close(output[0, 0], module.output_proj.bias)
 
 
@@ -73,7 +84,9 @@ def test_point_offsets_are_in_pixels_of_each_level(monkeypatch):
     shapes = torch.tensor([[4, 8], [2, 4]])
     values = torch.zeros(1, 32 + 8, 8)
     reference = torch.full((1, 1, 2, 2), 0.5)
-    captured = capture_sampling_locations(monkeypatch, module, torch.zeros(1, 1, 8), reference, values, shapes)
+    captured = capture_sampling_locations(
+        monkeypatch, module, torch.zeros(1, 1, 8), reference, values, shapes
+    )
     offsets = module.sampling_offsets.bias.view(2, 2, 2, 2)  # query is zero: offsets are the bias
     for level, (height, width) in enumerate(shapes.tolist()):
         expected = 0.5 + offsets[:, level] / torch.tensor([width, height])
@@ -88,7 +101,9 @@ def test_box_offsets_are_scaled_by_box_size(monkeypatch):
     shapes = torch.tensor([[4, 4]])
     box = torch.tensor([0.4, 0.6, 0.2, 0.1])
     reference = box.view(1, 1, 1, 4)
-    captured = capture_sampling_locations(monkeypatch, module, torch.zeros(1, 1, 8), reference, torch.zeros(1, 16, 8), shapes)
+    captured = capture_sampling_locations(
+        monkeypatch, module, torch.zeros(1, 1, 8), reference, torch.zeros(1, 16, 8), shapes
+    )
     offsets = module.sampling_offsets.bias.view(2, 1, n_points, 2)
     expected = box[:2] + offsets / n_points * box[2:] * 0.5
     torch.testing.assert_close(captured["locations"][0, 0], expected)
@@ -99,6 +114,18 @@ def test_bad_arguments_are_clear_errors():
         MSDeformAttn(d_model=30, n_heads=8)
     module = MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=1)
     with pytest.raises(ValueError, match="spatial_shapes"):
-        module(torch.zeros(1, 1, 8), torch.zeros(1, 1, 1, 2), torch.zeros(1, 5, 8), torch.tensor([[2, 2]]), torch.tensor([0]))
+        module(
+            torch.zeros(1, 1, 8),
+            torch.zeros(1, 1, 1, 2),
+            torch.zeros(1, 5, 8),
+            torch.tensor([[2, 2]]),
+            torch.tensor([0]),
+        )
     with pytest.raises(ValueError, match="reference_points"):
-        module(torch.zeros(1, 1, 8), torch.zeros(1, 1, 1, 3), torch.zeros(1, 4, 8), torch.tensor([[2, 2]]), torch.tensor([0]))
+        module(
+            torch.zeros(1, 1, 8),
+            torch.zeros(1, 1, 1, 3),
+            torch.zeros(1, 4, 8),
+            torch.tensor([[2, 2]]),
+            torch.tensor([0]),
+        )

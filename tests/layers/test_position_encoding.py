@@ -1,4 +1,5 @@
 """Sine position encoding: the normalised formula and independence from padding."""
+
 import math
 
 import pytest
@@ -18,10 +19,18 @@ def test_values_follow_normalised_formula():
             x = (col + 1 - 0.5) / (width + 1e-6) * 2 * math.pi
             for i in range(num_feats // 2):
                 frequency = temperature ** (2 * i / num_feats)
-                assert pos[0, 2 * i, row, col].item() == pytest.approx(math.sin(y / frequency), abs=1e-5)
-                assert pos[0, 2 * i + 1, row, col].item() == pytest.approx(math.cos(y / frequency), abs=1e-5)
-                assert pos[0, num_feats + 2 * i, row, col].item() == pytest.approx(math.sin(x / frequency), abs=1e-5)
-                assert pos[0, num_feats + 2 * i + 1, row, col].item() == pytest.approx(math.cos(x / frequency), abs=1e-5)
+                assert pos[0, 2 * i, row, col].item() == pytest.approx(
+                    math.sin(y / frequency), abs=1e-5
+                )
+                assert pos[0, 2 * i + 1, row, col].item() == pytest.approx(
+                    math.cos(y / frequency), abs=1e-5
+                )
+                assert pos[0, num_feats + 2 * i, row, col].item() == pytest.approx(
+                    math.sin(x / frequency), abs=1e-5
+                )
+                assert pos[0, num_feats + 2 * i + 1, row, col].item() == pytest.approx(
+                    math.cos(x / frequency), abs=1e-5
+                )
 
 
 def test_valid_region_is_independent_of_padding():
@@ -38,7 +47,7 @@ def test_sine_embedding_layout_and_errors():
     embedding = sine_embedding(coords, 4, temperature=100.0)
     assert embedding.shape == (1, 8)
     torch.testing.assert_close(embedding[0, 4], torch.sin(coords[0, 1]))
-    torch.testing.assert_close(embedding[0, 7], torch.cos(coords[0, 1] / 100.0 ** 0.5))
+    torch.testing.assert_close(embedding[0, 7], torch.cos(coords[0, 1] / 100.0**0.5))
     with pytest.raises(ValueError, match="num_feats"):
         sine_embedding(coords, 3)
     with pytest.raises(TypeError, match="mask"):

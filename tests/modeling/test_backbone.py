@@ -1,4 +1,5 @@
 """Multi-scale ResNet backbone: levels, strides, freezing, initialisation, registry."""
+
 import pytest
 import torch
 from detectron2.config import get_cfg

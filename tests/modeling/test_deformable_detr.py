@@ -1,4 +1,5 @@
 """Deformable DETR meta-architecture: training and inference on CPU with tiny inputs."""
+
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
@@ -69,7 +70,11 @@ def test_training_every_trainable_parameter_gets_gradient(variant):
     losses = model(make_batch())
     num_layers = model.transformer.decoder.num_layers
     expected = {"loss_class", "loss_bbox", "loss_giou"}
-    expected |= {f"{name}_{i}" for name in ("loss_class", "loss_bbox", "loss_giou") for i in range(num_layers - 1)}
+    expected |= {
+        f"{name}_{i}"
+        for name in ("loss_class", "loss_bbox", "loss_giou")
+        for i in range(num_layers - 1)
+    }
     if variant == "two_stage":
         expected |= {"loss_class_enc", "loss_bbox_enc", "loss_giou_enc"}
     assert set(losses) == expected
@@ -79,11 +84,14 @@ def test_training_every_trainable_parameter_gets_gradient(variant):
     missing = [
         name
         for name, p in model.named_parameters()
-        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)
+        if p.requires_grad
+        and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)
     ]
     assert missing == []
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-    assert frozen and all(name.startswith(("backbone.body.stem.", "backbone.body.res2.")) for name in frozen)
+    assert frozen and all(
+        name.startswith(("backbone.body.stem.", "backbone.body.res2.")) for name in frozen
+    )
 
 
 def test_zero_gradients_at_init_come_only_from_zero_initialised_layers():
@@ -95,9 +103,14 @@ def test_zero_gradients_at_init_come_only_from_zero_initialised_layers():
     model = instantiate(tiny_model_config("box_refine"))
     model.train()
     sum(model(make_batch()).values()).backward()
-    zero = {name for name, p in model.named_parameters() if p.requires_grad and p.grad.abs().sum() == 0}
+    zero = {
+        name for name, p in model.named_parameters() if p.requires_grad and p.grad.abs().sum() == 0
+    }
     expected = {"transformer.level_embed"} | {
-        f"bbox_embed.{i}.layers.{k}.{kind}" for i in range(2) for k in (0, 1) for kind in ("weight", "bias")
+        f"bbox_embed.{i}.layers.{k}.{kind}"
+        for i in range(2)
+        for k in (0, 1)
+        for kind in ("weight", "bias")
     }
     assert zero == expected
 
@@ -161,7 +174,9 @@ def test_transformer_ignores_padding(variant):
 
     alone = run(features, masks)
     padded = run(padded_features, padded_masks)
-    torch.testing.assert_close(padded["hidden_states"], alone["hidden_states"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        padded["hidden_states"], alone["hidden_states"], atol=1e-4, rtol=1e-4
+    )
     for padded_reference, reference in zip(padded["references"], alone["references"]):
         torch.testing.assert_close(padded_reference, reference, atol=1e-5, rtol=1e-5)
 
@@ -180,6 +195,13 @@ def test_level_mismatch_is_a_clear_error():
         instantiate(config)
 
 
+def test_position_embedding_width_mismatch_is_a_clear_error():
+    config = tiny_model_config("multi_scale")
+    config.position_embedding.num_pos_feats = 128
+    with pytest.raises(ValueError, match="num_pos_feats"):
+        instantiate(config)
+
+
 def test_num_classes_override_reaches_criterion_and_heads():
     config = tiny_model_config("box_refine")
     config.num_classes = 7
@@ -192,7 +214,10 @@ def test_num_classes_override_reaches_criterion_and_heads():
 def test_heads_have_one_state_dict_key_each():
     model = instantiate(tiny_model_config("two_stage"))
     keys = list(model.state_dict())
-    assert not any(key.startswith("transformer.") and "embed." in key and "level_embed" not in key for key in keys)
+    assert not any(
+        key.startswith("transformer.") and "embed." in key and "level_embed" not in key
+        for key in keys
+    )
     ids = [id(p) for p in model.parameters()]
     assert len(ids) == len(set(ids))
     assert sum(1 for key in keys if key.startswith("class_embed.") and key.endswith(".weight")) == 2

@@ -1,4 +1,5 @@
 """tools/model_stats.py: the FLOP handle of the deformable sampling op."""
+
 import os
 import sys
 
@@ -27,7 +28,7 @@ def test_ms_deform_attn_flops_are_five_per_sample_and_channel():
     encoder_attn = transformer.encoder.layers[0].self_attn
     per_query = 5 * encoder_attn.n_levels * encoder_attn.n_points * encoder_attn.d_model
     expected = per_query * (
-        num_pixels * len(transformer.encoder.layers) + model.num_queries * len(transformer.decoder.layers)
+        num_pixels * len(transformer.encoder.layers)
+        + model.num_queries * len(transformer.decoder.layers)
     )
     assert counted == expected
-

@@ -56,7 +56,9 @@ model = L(DeformableDETR)(
     ),
     criterion=L(SetCriterion)(
         num_classes="${..num_classes}",
-        matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, focal_alpha=0.25, focal_gamma=2.0),
+        matcher=L(HungarianMatcher)(
+            cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, focal_alpha=0.25, focal_gamma=2.0
+        ),
         weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
         focal_alpha=0.25,
         focal_gamma=2.0,

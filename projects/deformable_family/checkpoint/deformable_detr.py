@@ -7,6 +7,7 @@ two-stage adds ``transformer.{enc_output, enc_output_norm, pos_trans, pos_trans_
 ``class_embed`` / ``bbox_embed`` for the encoder proposals. Their class heads have 91 rows indexed by
 COCO category id; detectron2 uses 80 contiguous ids.
 """
+
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional
@@ -34,7 +35,14 @@ _DECODER_RENAMES = {
     "norm3": "ffn_norm",
 }
 _ENCODER_NAMES = {"self_attn", "norm1", "linear1", "linear2", "norm2"}
-_TRANSFORMER_SHARED = ("level_embed", "reference_points", "enc_output", "enc_output_norm", "pos_trans", "pos_trans_norm")
+_TRANSFORMER_SHARED = (
+    "level_embed",
+    "reference_points",
+    "enc_output",
+    "enc_output_norm",
+    "pos_trans",
+    "pos_trans_norm",
+)
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,9 @@ class OfficialVariant:
 def _unwrap(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
     state_dict = checkpoint.get("model", checkpoint)
     if not isinstance(state_dict, Mapping) or not state_dict:
-        raise ValueError("checkpoint must be a state dict or a dict with a non-empty 'model' state dict")
+        raise ValueError(
+            "checkpoint must be a state dict or a dict with a non-empty 'model' state dict"
+        )
     return dict(state_dict)
 
 
@@ -71,11 +81,21 @@ def _indices(state_dict: Mapping[str, torch.Tensor], pattern: str) -> List[int]:
 
 
 def _resnet_depth(state_dict: Mapping[str, torch.Tensor]) -> int:
-    blocks = tuple(len(_indices(state_dict, rf"backbone\.0\.body\.layer{stage}\.(\d+)\.")) for stage in (1, 2, 3, 4))
+    blocks = tuple(
+        len(_indices(state_dict, rf"backbone\.0\.body\.layer{stage}\.(\d+)\."))
+        for stage in (1, 2, 3, 4)
+    )
     bottleneck = any(".conv3." in key for key in state_dict if key.startswith("backbone.0.body."))
-    depths = {(True, (3, 4, 6, 3)): 50, (True, (3, 4, 23, 3)): 101, (False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34}
+    depths = {
+        (True, (3, 4, 6, 3)): 50,
+        (True, (3, 4, 23, 3)): 101,
+        (False, (2, 2, 2, 2)): 18,
+        (False, (3, 4, 6, 3)): 34,
+    }
     if (bottleneck, blocks) not in depths:
-        raise ValueError(f"backbone.0.body.* is not a ResNet-18/34/50/101 (blocks per stage {blocks})")
+        raise ValueError(
+            f"backbone.0.body.* is not a ResNet-18/34/50/101 (blocks per stage {blocks})"
+        )
     return depths[(bottleneck, blocks)]
 
 
@@ -114,7 +134,12 @@ def detect_variant(checkpoint: Mapping) -> OfficialVariant:
 
 def config_name_for(variant: OfficialVariant) -> str:
     """The config in configs/deformable_detr/ with this variant's structure."""
-    suffix = {"single_scale": "_single_scale", "multi_scale": "", "box_refine": "_box_refine", "two_stage": "_two_stage"}
+    suffix = {
+        "single_scale": "_single_scale",
+        "multi_scale": "",
+        "box_refine": "_box_refine",
+        "two_stage": "_two_stage",
+    }
     return f"deformable_detr_r{variant.depth}{suffix[variant.name]}_50ep.py"
 
 
@@ -134,7 +159,7 @@ def _resnet_name(name: str) -> str:
     if name.startswith("conv1."):
         return "stem." + name
     if name.startswith("bn1."):
-        return "stem.conv1.norm." + name[len("bn1."):]
+        return "stem.conv1.norm." + name[len("bn1.") :]
     match = re.match(r"layer(\d)\.(\d+)\.(.+)$", name)
     if not match:
         raise ValueError(f"unexpected torchvision ResNet key backbone.0.body.{name}")
@@ -178,9 +203,13 @@ def convert_official_state_dict(
     elif num_classes == 80 and variant.num_classes == 91:
         rows = coco_category_rows()
     else:
-        raise ValueError(f"num_classes must be 80 or {variant.num_classes} for this checkpoint, got {num_classes}")
+        raise ValueError(
+            f"num_classes must be 80 or {variant.num_classes} for this checkpoint, got {num_classes}"
+        )
     if variant.two_stage and not 1 <= proposal_num_classes <= variant.num_classes:
-        raise ValueError(f"proposal_num_classes must be in [1, {variant.num_classes}], got {proposal_num_classes}")
+        raise ValueError(
+            f"proposal_num_classes must be in [1, {variant.num_classes}], got {proposal_num_classes}"
+        )
 
     converted: Dict[str, torch.Tensor] = {}
     unknown: List[str] = []
@@ -190,10 +219,12 @@ def convert_official_state_dict(
         if key.endswith("num_batches_tracked"):
             continue
         if key.startswith("backbone.0.body."):
-            converted["backbone.body." + _resnet_name(key[len("backbone.0.body."):])] = value
+            converted["backbone.body." + _resnet_name(key[len("backbone.0.body.") :])] = value
         elif key.startswith("input_proj."):
             converted["backbone." + key] = value
-        elif key.startswith("transformer.decoder.class_embed.") or key.startswith("transformer.decoder.bbox_embed."):
+        elif key.startswith("transformer.decoder.class_embed.") or key.startswith(
+            "transformer.decoder.bbox_embed."
+        ):
             # The authors also register the heads under the decoder (one module, two names): the
             # copies under the model are kept, these dropped.
             continue
@@ -209,7 +240,9 @@ def convert_official_state_dict(
                 unknown.append(key)
                 continue
             layer, module, rest = match.groups()
-            converted[f"transformer.decoder.layers.{layer}.{_DECODER_RENAMES[module]}.{rest}"] = value
+            converted[f"transformer.decoder.layers.{layer}.{_DECODER_RENAMES[module]}.{rest}"] = (
+                value
+            )
         elif key.startswith("transformer.") and key.split(".")[1] in _TRANSFORMER_SHARED:
             converted[key] = value
         elif key == "query_embed.weight":
@@ -229,7 +262,9 @@ def convert_official_state_dict(
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"checkpoint has keys that are not part of Deformable DETR: {unknown[:10]}")
+        raise ValueError(
+            f"checkpoint has keys that are not part of Deformable DETR: {unknown[:10]}"
+        )
     return converted
 
 

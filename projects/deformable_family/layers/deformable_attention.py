@@ -1,4 +1,5 @@
 """Multi-scale deformable attention (Deformable DETR, Eq. 3 of the paper)."""
+
 import math
 from typing import Optional
 
@@ -91,13 +92,20 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(
             batch, num_queries, self.n_heads, self.n_levels, self.n_points, 2
         )
-        weights = self.attention_weights(query).view(batch, num_queries, self.n_heads, self.n_levels * self.n_points)
-        weights = F.softmax(weights, -1).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points)
+        weights = self.attention_weights(query).view(
+            batch, num_queries, self.n_heads, self.n_levels * self.n_points
+        )
+        weights = F.softmax(weights, -1).view(
+            batch, num_queries, self.n_heads, self.n_levels, self.n_points
+        )
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: normalise by (W_l, H_l).
-            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(
+                offsets.dtype
+            )
             sampling_locations = (
-                reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+                reference_points[:, :, None, :, None, :]
+                + offsets / normalizer[None, None, None, :, None, :]
             )
         elif reference_points.shape[-1] == 4:
             # Box-modulated offsets (paper, appendix A.4): ref_xy + offset / K * ref_wh * 0.5.
@@ -106,6 +114,10 @@ class MSDeformAttn(nn.Module):
                 + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
             )
         else:
-            raise ValueError(f"reference_points must end with 2 or 4 coordinates, got {tuple(reference_points.shape)}")
-        output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, weights)
+            raise ValueError(
+                f"reference_points must end with 2 or 4 coordinates, got {tuple(reference_points.shape)}"
+            )
+        output = ms_deform_attn(
+            value, spatial_shapes, level_start_index, sampling_locations, weights
+        )
         return self.output_proj(output)

@@ -1,4 +1,5 @@
 """A plain multi-layer perceptron, used for box heads."""
+
 from typing import List
 
 import torch

@@ -1,11 +1,14 @@
 """Sine position encodings of feature-map pixels and of boxes (DETR; Deformable DETR)."""
+
 import math
 
 import torch
 from torch import nn
 
 
-def sine_embedding(coords: torch.Tensor, num_feats: int, temperature: float = 10000.0) -> torch.Tensor:
+def sine_embedding(
+    coords: torch.Tensor, num_feats: int, temperature: float = 10000.0
+) -> torch.Tensor:
     """Embed each scalar coordinate with ``num_feats`` interleaved sines and cosines.
 
     Feature ``2i`` is ``sin(x / T^(2i / F))`` and feature ``2i + 1`` is ``cos(x / T^(2i / F))``
@@ -67,7 +70,9 @@ class PositionEmbeddingSine(nn.Module):
             (B, 2 * num_pos_feats, H, W) float32 position embedding (y features, then x features).
         """
         if mask.dtype != torch.bool or mask.dim() != 3:
-            raise TypeError(f"mask must be a (B, H, W) bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+            raise TypeError(
+                f"mask must be a (B, H, W) bool tensor, got {mask.dtype} {tuple(mask.shape)}"
+            )
         not_mask = ~mask
         y_embed = not_mask.cumsum(1, dtype=torch.float32)
         x_embed = not_mask.cumsum(2, dtype=torch.float32)

@@ -1,4 +1,5 @@
 """Multi-scale ResNet of Deformable DETR: C3-C5 through 1x1 conv + GroupNorm, plus C6 from C5. No FPN."""
+
 from typing import Dict, List, Sequence
 
 import torch
@@ -51,7 +52,9 @@ class MultiScaleResNet(Backbone):
         in_features = list(in_features)
         unknown = [name for name in in_features if name not in _STAGE_STRIDES]
         if not in_features or unknown:
-            raise ValueError(f"in_features must name stages among {list(_STAGE_STRIDES)}, got {in_features}")
+            raise ValueError(
+                f"in_features must name stages among {list(_STAGE_STRIDES)}, got {in_features}"
+            )
         if sorted(in_features, key=_STAGE_STRIDES.get) != in_features:
             raise ValueError(f"in_features must be in increasing stride order, got {in_features}")
         if num_extra_levels < 0:
@@ -100,7 +103,9 @@ class MultiScaleResNet(Backbone):
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {
-            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+            name: ShapeSpec(
+                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
+            )
             for name in self._out_features
         }
 
@@ -115,10 +120,11 @@ class MultiScaleResNet(Backbone):
         """
         stage_outputs = self.body(images)
         outputs: List[torch.Tensor] = [
-            projection(stage_outputs[name]) for projection, name in zip(self.input_proj, self.in_features)
+            projection(stage_outputs[name])
+            for projection, name in zip(self.input_proj, self.in_features)
         ]
         previous = stage_outputs[self.in_features[-1]]
-        for projection in self.input_proj[len(self.in_features):]:
+        for projection in self.input_proj[len(self.in_features) :]:
             previous = projection(previous)
             outputs.append(previous)
         return dict(zip(self._out_features, outputs))
@@ -127,9 +133,12 @@ class MultiScaleResNet(Backbone):
 @BACKBONE_REGISTRY.register()
 def build_multiscale_resnet_backbone(cfg, input_shape: ShapeSpec) -> MultiScaleResNet:
     """yacs entry point: MODEL.RESNETS.{DEPTH, OUT_FEATURES, NORM, STRIDE_IN_1X1},
-    MODEL.BACKBONE.FREEZE_AT; one extra level when more than one stage is used (the authors' choice)."""
+    MODEL.BACKBONE.FREEZE_AT; one extra level when more than one stage is used (the authors' choice).
+    """
     if input_shape.channels != 3:
-        raise ValueError(f"input_shape.channels must be 3 (RGB/BGR images), got {input_shape.channels}")
+        raise ValueError(
+            f"input_shape.channels must be 3 (RGB/BGR images), got {input_shape.channels}"
+        )
     in_features = list(cfg.MODEL.RESNETS.OUT_FEATURES)
     return MultiScaleResNet(
         depth=cfg.MODEL.RESNETS.DEPTH,

@@ -1,4 +1,5 @@
 """Deformable DETR meta-architecture (Zhu et al., ICLR 2021) for detectron2."""
+
 import copy
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -87,13 +88,19 @@ class DeformableDETR(nn.Module):
         """
         super().__init__()
         if two_stage and not with_box_refine:
-            raise ValueError("two_stage=True requires with_box_refine=True (two-stage implies refinement)")
+            raise ValueError(
+                "two_stage=True requires with_box_refine=True (two-stage implies refinement)"
+            )
         if transformer.two_stage != two_stage:
-            raise ValueError(f"transformer.two_stage ({transformer.two_stage}) differs from two_stage ({two_stage})")
+            raise ValueError(
+                f"transformer.two_stage ({transformer.two_stage}) differs from two_stage ({two_stage})"
+            )
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
-            raise ValueError(f"pixel_mean and pixel_std must have 3 values, got {pixel_mean} and {pixel_std}")
+            raise ValueError(
+                f"pixel_mean and pixel_std must have 3 values, got {pixel_mean} and {pixel_std}"
+            )
         backbone_levels = list(backbone.output_shape().values())
         if len(backbone_levels) != transformer.num_levels:
             raise ValueError(
@@ -102,7 +109,14 @@ class DeformableDETR(nn.Module):
         d_model = transformer.d_model
         bad_channels = [shape.channels for shape in backbone_levels if shape.channels != d_model]
         if bad_channels:
-            raise ValueError(f"backbone levels must have d_model={d_model} channels, got {bad_channels}")
+            raise ValueError(
+                f"backbone levels must have d_model={d_model} channels, got {bad_channels}"
+            )
+        pos_channels = 2 * getattr(position_embedding, "num_pos_feats", d_model // 2)
+        if pos_channels != d_model:
+            raise ValueError(
+                f"position_embedding gives {pos_channels} channels (2 * num_pos_feats) but d_model is {d_model}"
+            )
         if two_stage and transformer.two_stage_num_proposals != num_queries:
             raise ValueError(
                 f"transformer.two_stage_num_proposals ({transformer.two_stage_num_proposals}) must equal "
@@ -132,7 +146,9 @@ class DeformableDETR(nn.Module):
                 copy.deepcopy(_class_head(d_model, num_classes)) for _ in range(num_decoder_layers)
             )
             box_head = _box_head(d_model, size_bias=0.0)
-            self.bbox_embed = nn.ModuleList(copy.deepcopy(box_head) for _ in range(num_decoder_layers))
+            self.bbox_embed = nn.ModuleList(
+                copy.deepcopy(box_head) for _ in range(num_decoder_layers)
+            )
             if not two_stage:
                 nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
         else:
@@ -143,8 +159,12 @@ class DeformableDETR(nn.Module):
             self.proposal_class_embed = _class_head(d_model, proposal_num_classes)
             self.proposal_bbox_embed = _box_head(d_model, size_bias=0.0)
 
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False
+        )
 
     @property
     def device(self) -> torch.device:
@@ -174,19 +194,25 @@ class DeformableDETR(nn.Module):
                 image = image.flip(0)
             images.append(image)
         images = ImageList.from_tensors(images)
-        mask = torch.ones(images.tensor.shape[0], *images.tensor.shape[-2:], dtype=torch.bool, device=self.device)
+        mask = torch.ones(
+            images.tensor.shape[0], *images.tensor.shape[-2:], dtype=torch.bool, device=self.device
+        )
         for index, (height, width) in enumerate(images.image_sizes):
             mask[index, :height, :width] = False
         return images, mask
 
-    def prepare_targets(self, batched_inputs: List[Dict], image_sizes: List[Tuple[int, int]]) -> List[Dict]:
+    def prepare_targets(
+        self, batched_inputs: List[Dict], image_sizes: List[Tuple[int, int]]
+    ) -> List[Dict]:
         """gt_boxes (xyxy absolute) -> boxes (cxcywh normalised by the unpadded image size)."""
         targets = []
         for index, (item, (height, width)) in enumerate(zip(batched_inputs, image_sizes)):
             if "instances" not in item:
                 raise ValueError(f"batched_inputs[{index}] has no 'instances' field in training")
             instances = item["instances"].to(self.device)
-            scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=self.device)
+            scale = torch.tensor(
+                [width, height, width, height], dtype=torch.float32, device=self.device
+            )
             boxes = box_xyxy_to_cxcywh(instances.gt_boxes.tensor.float() / scale)
             targets.append({"labels": instances.gt_classes.long(), "boxes": boxes})
         return targets
@@ -201,7 +227,9 @@ class DeformableDETR(nn.Module):
             for decoder layers 0..D-2 when aux_loss, "enc_outputs": {...} (B, S, ...) for two-stage}.
         """
         features = list(self.backbone(images).values())
-        masks = [F.interpolate(mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0] for f in features]
+        masks = [
+            F.interpolate(mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0] for f in features
+        ]
         pos_embeds = [self.position_embedding(m).to(f.dtype) for m, f in zip(masks, features)]
         num_decoder_layers = self.transformer.decoder.num_layers
         transformer_outputs = self.transformer(
@@ -218,7 +246,9 @@ class DeformableDETR(nn.Module):
         layer_outputs = []
         for layer in range(num_decoder_layers):
             logits = self._head(self.class_embed, layer)(hidden_states[layer])
-            boxes = refine_boxes(self._head(self.bbox_embed, layer)(hidden_states[layer]), references[layer])
+            boxes = refine_boxes(
+                self._head(self.bbox_embed, layer)(hidden_states[layer]), references[layer]
+            )
             layer_outputs.append({"pred_logits": logits, "pred_boxes": boxes})
         outputs = dict(layer_outputs[-1])
         if self.aux_loss:
@@ -247,6 +277,9 @@ class DeformableDETR(nn.Module):
             targets = self.prepare_targets(batched_inputs, images.image_sizes)
             return self.criterion(outputs, targets)
         results = detr_inference(
-            outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes, num_topk=self.select_topk
+            outputs["pred_logits"],
+            outputs["pred_boxes"],
+            images.image_sizes,
+            num_topk=self.select_topk,
         )
         return postprocess_to_original(results, batched_inputs, images.image_sizes)

@@ -3,6 +3,7 @@
 The prediction heads are NOT owned here: they live in the meta-architecture and are passed to
 :meth:`DeformableTransformer.forward` as call arguments, so each head has exactly one state-dict key.
 """
+
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -16,7 +17,9 @@ from deformable_family.modeling.box_ops import inverse_sigmoid
 
 
 def flatten_levels(
-    features: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], pos_embeds: Sequence[torch.Tensor]
+    features: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    pos_embeds: Sequence[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flatten L maps row-major and concatenate them in level order.
 
@@ -32,7 +35,10 @@ def flatten_levels(
         [tuple(f.shape[-2:]) for f in features], dtype=torch.long, device=features[0].device
     )
     level_start_index = torch.cat(
-        (spatial_shapes.new_zeros((1,)), (spatial_shapes[:, 0] * spatial_shapes[:, 1]).cumsum(0)[:-1])
+        (
+            spatial_shapes.new_zeros((1,)),
+            (spatial_shapes[:, 0] * spatial_shapes[:, 1]).cumsum(0)[:-1],
+        )
     )
     flat_features = torch.cat([f.flatten(2).transpose(1, 2) for f in features], 1)
     flat_masks = torch.cat([m.flatten(1) for m in masks], 1)
@@ -51,7 +57,9 @@ def valid_ratios_of(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([valid_width.float() / width, valid_height.float() / height], -1)
 
 
-def encoder_reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+def encoder_reference_points(
+    spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor
+) -> torch.Tensor:
     """Reference points of the encoder queries: each pixel centre, normalised by the valid extent of
     its level, then re-expressed on every level (multiplied by that level's valid ratio).
 
@@ -65,8 +73,12 @@ def encoder_reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.T
     points = []
     for level, (height, width) in enumerate(spatial_shapes.tolist()):
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=valid_ratios.device),
-            torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=valid_ratios.device),
+            torch.linspace(
+                0.5, height - 0.5, height, dtype=torch.float32, device=valid_ratios.device
+            ),
+            torch.linspace(
+                0.5, width - 0.5, width, dtype=torch.float32, device=valid_ratios.device
+            ),
             indexing="ij",
         )
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
@@ -139,7 +151,12 @@ class DeformableEncoderLayer(nn.Module):
     """Deformable self-attention -> add & norm -> FFN -> add & norm (post-norm)."""
 
     def __init__(
-        self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, n_levels: int = 4, n_heads: int = 8,
+        self,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        n_levels: int = 4,
+        n_heads: int = 8,
         n_points: int = 4,
     ):
         super().__init__()
@@ -153,11 +170,18 @@ class DeformableEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(
-        self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor, spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor, padding_mask: torch.Tensor,
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        padding_mask: torch.Tensor,
     ) -> torch.Tensor:
         """src, pos: (B, S, d); reference_points: (B, S, L, 2); padding_mask: (B, S) -> (B, S, d)."""
-        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        attended = self.self_attn(
+            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
+        )
         src = self.norm1(src + self.dropout1(attended))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(ffn))
@@ -167,17 +191,29 @@ class DeformableEncoder(nn.Module):
     """A stack of :class:`DeformableEncoderLayer` over the flattened multi-scale maps."""
 
     def __init__(
-        self, num_layers: int = 6, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, n_levels: int = 4,
-        n_heads: int = 8, n_points: int = 4,
+        self,
+        num_layers: int = 6,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
     ):
         super().__init__()
         self.layers = nn.ModuleList(
-            DeformableEncoderLayer(d_model, d_ffn, dropout, n_levels, n_heads, n_points) for _ in range(num_layers)
+            DeformableEncoderLayer(d_model, d_ffn, dropout, n_levels, n_heads, n_points)
+            for _ in range(num_layers)
         )
 
     def forward(
-        self, src: torch.Tensor, pos: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-        valid_ratios: torch.Tensor, padding_mask: torch.Tensor,
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        valid_ratios: torch.Tensor,
+        padding_mask: torch.Tensor,
     ) -> torch.Tensor:
         """src, pos: (B, S, d); valid_ratios: (B, L, 2); padding_mask: (B, S) -> memory (B, S, d)."""
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
@@ -190,7 +226,12 @@ class DeformableDecoderLayer(nn.Module):
     """Self-attention -> add & norm -> deformable cross-attention -> add & norm -> FFN -> add & norm."""
 
     def __init__(
-        self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, n_levels: int = 4, n_heads: int = 8,
+        self,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        n_levels: int = 4,
+        n_heads: int = 8,
         n_points: int = 4,
     ):
         super().__init__()
@@ -207,8 +248,14 @@ class DeformableDecoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(d_model)
 
     def forward(
-        self, query: torch.Tensor, query_pos: torch.Tensor, reference_points: torch.Tensor, memory: torch.Tensor,
-        spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, memory_padding_mask: torch.Tensor,
+        self,
+        query: torch.Tensor,
+        query_pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        memory: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        memory_padding_mask: torch.Tensor,
     ) -> torch.Tensor:
         """
         Args:
@@ -224,7 +271,12 @@ class DeformableDecoderLayer(nn.Module):
         attended = self.self_attn(q, k, query.transpose(0, 1))[0].transpose(0, 1)
         query = self.self_attn_norm(query + self.self_attn_dropout(attended))
         attended = self.cross_attn(
-            query + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
+            query + query_pos,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            memory_padding_mask,
         )
         query = self.cross_attn_norm(query + self.cross_attn_dropout(attended))
         ffn = self.linear2(self.ffn_dropout1(F.relu(self.linear1(query))))
@@ -236,19 +288,33 @@ class DeformableDecoder(nn.Module):
     reference boxes of the next (iterative bounding-box refinement, appendix A.4)."""
 
     def __init__(
-        self, num_layers: int = 6, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, n_levels: int = 4,
-        n_heads: int = 8, n_points: int = 4,
+        self,
+        num_layers: int = 6,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
     ):
         super().__init__()
         self.num_layers = num_layers
         self.layers = nn.ModuleList(
-            DeformableDecoderLayer(d_model, d_ffn, dropout, n_levels, n_heads, n_points) for _ in range(num_layers)
+            DeformableDecoderLayer(d_model, d_ffn, dropout, n_levels, n_heads, n_points)
+            for _ in range(num_layers)
         )
 
     def forward(
-        self, query: torch.Tensor, query_pos: torch.Tensor, reference_points: torch.Tensor, memory: torch.Tensor,
-        spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, valid_ratios: torch.Tensor,
-        memory_padding_mask: torch.Tensor, box_heads: Optional[Sequence[nn.Module]] = None,
+        self,
+        query: torch.Tensor,
+        query_pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        memory: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        valid_ratios: torch.Tensor,
+        memory_padding_mask: torch.Tensor,
+        box_heads: Optional[Sequence[nn.Module]] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """
         Args:
@@ -274,7 +340,15 @@ class DeformableDecoder(nn.Module):
                 ratios = valid_ratios
             # References are relative to the unpadded image; the sampler works on the padded map.
             per_level = reference_points[:, :, None] * ratios[:, None]
-            query = layer(query, query_pos, per_level, memory, spatial_shapes, level_start_index, memory_padding_mask)
+            query = layer(
+                query,
+                query_pos,
+                per_level,
+                memory,
+                spatial_shapes,
+                level_start_index,
+                memory_padding_mask,
+            )
             hidden_states.append(query)
             references.append(reference_points)
             if box_heads is not None:
@@ -360,8 +434,12 @@ class DeformableTransformer(nn.Module):
         """
         if len(features) != self.num_levels:
             raise ValueError(f"features must hold {self.num_levels} levels, got {len(features)}")
-        pos_embeds = [pos + self.level_embed[level].view(1, -1, 1, 1) for level, pos in enumerate(pos_embeds)]
-        src, mask, pos, spatial_shapes, level_start_index = flatten_levels(features, masks, pos_embeds)
+        pos_embeds = [
+            pos + self.level_embed[level].view(1, -1, 1, 1) for level, pos in enumerate(pos_embeds)
+        ]
+        src, mask, pos, spatial_shapes, level_start_index = flatten_levels(
+            features, masks, pos_embeds
+        )
         valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1)
         memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, mask)
 
@@ -378,10 +456,14 @@ class DeformableTransformer(nn.Module):
             # Rank by the first (foreground) logit; the chosen boxes enter the decoder detached.
             topk = min(self.two_stage_num_proposals, enc_logits.shape[1])
             topk_index = torch.topk(enc_logits[..., 0], topk, dim=1)[1]
-            topk_boxes_unact = torch.gather(enc_boxes_unact, 1, topk_index.unsqueeze(-1).repeat(1, 1, 4)).detach()
+            topk_boxes_unact = torch.gather(
+                enc_boxes_unact, 1, topk_index.unsqueeze(-1).repeat(1, 1, 4)
+            ).detach()
             reference_points = topk_boxes_unact.sigmoid()
             query_pos, query = torch.split(
-                self.pos_trans_norm(self.pos_trans(self.proposal_pos_embed(topk_boxes_unact))), self.d_model, dim=2
+                self.pos_trans_norm(self.pos_trans(self.proposal_pos_embed(topk_boxes_unact))),
+                self.d_model,
+                dim=2,
             )
             outputs["enc_logits"] = enc_logits
             outputs["enc_boxes"] = enc_boxes_unact.sigmoid()
@@ -394,7 +476,14 @@ class DeformableTransformer(nn.Module):
             reference_points = self.reference_points(query_pos).sigmoid()
 
         hidden_states, references = self.decoder(
-            query, query_pos, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, mask,
+            query,
+            query_pos,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            mask,
             box_heads=box_heads,
         )
         outputs["hidden_states"] = hidden_states
