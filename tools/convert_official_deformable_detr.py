@@ -41,7 +41,7 @@ def structure_overrides(variant, num_classes: int, proposal_num_classes: int) ->
     """Overrides that give the matching config the checkpoint's sizes (none for released models
     beyond the class count)."""
     overrides = [f"model.num_classes={num_classes}"]
-    if variant.two_stage:
+    if variant.two_stage and proposal_num_classes != num_classes:
         overrides.append(f"model.proposal_num_classes={proposal_num_classes}")
     if variant.num_encoder_layers != 6:
         overrides.append(f"model.transformer.encoder.num_layers={variant.num_encoder_layers}")
@@ -60,7 +60,10 @@ def main(argv=None) -> int:
         "--num-classes", type=int, default=80, help="80 (detectron2's COCO ids) or 91 (keep rows)"
     )
     parser.add_argument(
-        "--proposal-num-classes", type=int, default=1, help="two-stage proposal head width"
+        "--proposal-num-classes",
+        type=int,
+        default=None,
+        help="two-stage proposal head width (default: --num-classes, as the configs)",
     )
     parser.add_argument(
         "--config-file", default=None, help="config to check against (default: the matching one)"
@@ -69,12 +72,13 @@ def main(argv=None) -> int:
 
     checkpoint = load_official(args.input)
     variant = detect_variant(checkpoint)
-    converted = convert_official_state_dict(checkpoint, args.num_classes, args.proposal_num_classes)
+    proposal_num_classes = args.proposal_num_classes or args.num_classes
+    converted = convert_official_state_dict(checkpoint, args.num_classes, proposal_num_classes)
 
     config_file = args.config_file or os.path.normpath(
         os.path.join(CONFIG_DIR, config_name_for(variant))
     )
-    overrides = structure_overrides(variant, args.num_classes, args.proposal_num_classes)
+    overrides = structure_overrides(variant, args.num_classes, proposal_num_classes)
     cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), overrides)
     with torch.device("meta"):
         model = instantiate(cfg.model)

@@ -71,11 +71,8 @@ def test_parameter_names_match_optimizer_groups():
 
 @pytest.mark.parametrize("config_name", sorted(AUTHORS_PARAMETERS))
 def test_parameter_count_matches_authors(config_name):
-    overrides = {"model.num_classes": 91}
-    if "two_stage" in config_name:
-        # The authors' proposal class head has 91 rows (only the first is used).
-        overrides["model.proposal_num_classes"] = 91
-    _, model = build_on_meta(config_name, **overrides)
+    # One override: the two-stage proposal head follows model.num_classes, as the authors' does.
+    _, model = build_on_meta(config_name, **{"model.num_classes": 91})
     assert count(model) == AUTHORS_PARAMETERS[config_name]
 
 
@@ -86,7 +83,7 @@ def test_trainable_count_matches_authors_multi_scale():
 
 def test_binary_proposal_head_differs_only_by_unused_rows():
     name = "deformable_detr_r50_two_stage_50ep.py"
-    _, binary = build_on_meta(name, **{"model.num_classes": 91})
+    _, binary = build_on_meta(name, **{"model.num_classes": 91, "model.proposal_num_classes": 1})
     d_model = binary.transformer.d_model
     assert binary.proposal_class_embed.out_features == 1
     # 90 dropped rows of (weight d_model + bias 1).

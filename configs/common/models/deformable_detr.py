@@ -67,7 +67,10 @@ model = L(DeformableDETR)(
     num_queries=300,
     with_box_refine=False,
     two_stage=False,
-    proposal_num_classes=1,  # binary foreground head (the authors keep 91 rows, only the first is used)
+    # Two-stage only. As the authors, the proposal class head is as wide as the detection heads and only
+    # its first logit (trained as "foreground") ranks proposals; 1 gives a binary head that behaves the
+    # same with (num_classes - 1) * (d_model + 1) fewer parameters.
+    proposal_num_classes="${.num_classes}",
     aux_loss=True,
     pixel_mean=[123.675, 116.280, 103.530],
     pixel_std=[58.395, 57.120, 57.375],

@@ -181,7 +181,7 @@ def _class_rows(weight: torch.Tensor, rows: Optional[List[int]]) -> torch.Tensor
 
 
 def convert_official_state_dict(
-    checkpoint: Mapping, num_classes: int = 80, proposal_num_classes: int = 1
+    checkpoint: Mapping, num_classes: int = 80, proposal_num_classes: Optional[int] = None
 ) -> Dict[str, torch.Tensor]:
     """Rename the authors' state dict to this package's :class:`DeformableDETR`.
 
@@ -189,15 +189,17 @@ def convert_official_state_dict(
         checkpoint: their ``torch.load`` result (a dict with "model") or the state dict itself.
         num_classes: 80 maps the 91 rows (COCO category ids) to detectron2's contiguous classes;
             the checkpoint's own width keeps the rows as they are.
-        proposal_num_classes: width of our two-stage proposal head. Only the first logit of the
-            authors' proposal head is used (the foreground score), so 1 keeps their row 0; more keeps
-            their first rows.
+        proposal_num_classes: width of our two-stage proposal head; None (the configs' default)
+            means ``num_classes``. Only the first logit of the authors' proposal head is used (the
+            foreground score), so their first rows are kept, never remapped: 1 keeps just row 0.
 
     Returns:
         the state dict for ``DeformableDETR`` (a copy; tensors are not shared with the input).
     """
     state_dict = _unwrap(checkpoint)
     variant = detect_variant(state_dict)
+    if proposal_num_classes is None:
+        proposal_num_classes = num_classes
     if num_classes == variant.num_classes:
         rows = None
     elif num_classes == 80 and variant.num_classes == 91:
