@@ -39,8 +39,6 @@ def do_test(cfg, model, ema: Optional[EMAHook] = None) -> Dict[str, Any]:
     """Evaluate ``model`` (or the EMA of its weights) on ``cfg.dataloader.test``."""
     if "evaluator" not in cfg.dataloader:
         return {}
-    # The test loader is built first: a dataset generated on first use (e.g. "shapes") then
-    # exists when the evaluator reads its json.
     test_loader = instantiate(cfg.dataloader.test)
     evaluator = instantiate(cfg.dataloader.evaluator)
     if ema is not None:

@@ -1,10 +1,11 @@
 # Training loop settings read by train_net.py (the same keys as detectron2's common/train.py, plus
-# device, clip_grad and ema). Defaults follow the authors' COCO recipe: 50 epochs at total batch 32
-# = 50 * 118287 / 32 ~ 184,850 iterations.
+# device, clip_grad and ema). Defaults follow the authors' COCO recipe: 50 epochs of the 118,287
+# train2017 images (the authors keep images without annotations, as configs/common/data/coco_detr.py
+# does) at total batch 32 = 184,824 iterations (rounded up).
 train = dict(
     output_dir="./output",
     init_checkpoint="",
-    max_iter=184850,
+    max_iter=184824,
     amp=dict(enabled=False),  # AMPTrainer; only on CUDA
     ddp=dict(  # options for DistributedDataParallel
         broadcast_buffers=False,

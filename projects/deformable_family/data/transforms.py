@@ -2,7 +2,6 @@
 from collections import abc
 from typing import Sequence, Union
 
-import numpy as np
 from detectron2.data import transforms as T
 
 __all__ = ["RandomSelect", "RandomChoiceAugmentation"]
