@@ -4,12 +4,12 @@
 // weights (bilinear * attention) are computed once, then one loop over the D channels of a head
 // accumulates w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d], which the compiler vectorises.
 //
-// Backward: parallel over (batch, head, level) triples. The corners of a level-l sample are rows of
-// level l, so each triple owns a disjoint slice of grad_value (rows of level l, head m, batch n) and
-// also owns the gradients of its own locations and attention weights. Each thread walks its queries
-// in order, so the result is deterministic: bit-identical across runs and thread counts, no atomics.
-// With the Deformable DETR shapes there are N * 8 * 4 triples, enough for a few cores; on a machine
-// with many more cores than triples the backward does not use them all.
+// Backward: parallel over (batch, head) pairs, or (batch, head, level) triples when there are few
+// pairs for the threads. The corners of a level-l sample are rows of level l, so each unit owns a
+// disjoint slice of grad_value (rows of its levels, head m, batch n) and the gradients of its own
+// locations and attention weights. Each thread walks its queries in order, so the result is
+// deterministic: bit-identical across runs and thread counts, no atomics. With the Deformable DETR
+// shapes there are N * 8 * 4 triples; a machine with many more cores does not use them all.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -80,33 +80,33 @@ DF_CPU_CLONES void forward_queries(
     int64_t end) {
   const int64_t row_stride = sizes.num_heads * sizes.head_dim;  // between consecutive value rows
   const int64_t samples_per_head = sizes.num_levels * sizes.num_points;
-  {
-    BilinearCorners<scalar_t> corners;
-    for (int64_t batch_query = begin; batch_query < end; ++batch_query) {
-      const int64_t n = batch_query / sizes.num_queries;
-      for (int64_t m = 0; m < sizes.num_heads; ++m) {
-        const int64_t head_index = batch_query * sizes.num_heads + m;  // into (N, Lq, M)
-        const scalar_t* value_head = value + (n * sizes.num_rows * sizes.num_heads + m) * sizes.head_dim;
-        const scalar_t* locations = sampling_locations + head_index * samples_per_head * 2;
-        const scalar_t* weights = attention_weights + head_index * samples_per_head;
-        scalar_t* out = output + head_index * sizes.head_dim;
-        for (int64_t l = 0; l < sizes.num_levels; ++l) {
-          const int64_t height = spatial_shapes[2 * l];
-          const int64_t width = spatial_shapes[2 * l + 1];
-          for (int64_t p = 0; p < sizes.num_points; ++p) {
-            const int64_t sample = l * sizes.num_points + p;
-            if (!bilinear_corners(
-                    locations[2 * sample], locations[2 * sample + 1], height, width, level_start_index[l], corners)) {
-              continue;
-            }
-            // Bilinear and attention weight folded once per sample, not once per channel.
-            const scalar_t attention = weights[sample];
-            accumulate_sample(
-                out, value_head + corners.row[0] * row_stride, value_head + corners.row[1] * row_stride,
-                value_head + corners.row[2] * row_stride, value_head + corners.row[3] * row_stride,
-                attention * corners.weight[0], attention * corners.weight[1], attention * corners.weight[2],
-                attention * corners.weight[3], sizes.head_dim);
+  BilinearCorners<scalar_t> corners;
+  for (int64_t batch_query = begin; batch_query < end; ++batch_query) {
+    const int64_t n = batch_query / sizes.num_queries;
+    for (int64_t m = 0; m < sizes.num_heads; ++m) {
+      const int64_t head_index = batch_query * sizes.num_heads + m;  // into (N, Lq, M)
+      const scalar_t* value_head = value + (n * sizes.num_rows * sizes.num_heads + m) * sizes.head_dim;
+      const scalar_t* locations = sampling_locations + head_index * samples_per_head * 2;
+      const scalar_t* weights = attention_weights + head_index * samples_per_head;
+      scalar_t* out = output + head_index * sizes.head_dim;
+      for (int64_t l = 0; l < sizes.num_levels; ++l) {
+        const int64_t height = spatial_shapes[2 * l];
+        const int64_t width = spatial_shapes[2 * l + 1];
+        for (int64_t p = 0; p < sizes.num_points; ++p) {
+          const int64_t sample = l * sizes.num_points + p;
+          if (!bilinear_corners(
+                  locations[2 * sample], locations[2 * sample + 1], height, width, level_start_index[l], corners)) {
+            continue;
           }
+          // Bilinear and attention weight folded once per sample, not once per channel. Outside
+          // corners read a clamped row with weight 0 (no branch); the cost is that an inf or nan
+          // stored in that row would turn into nan here, where grid_sample would skip it.
+          const scalar_t attention = weights[sample];
+          accumulate_sample(
+              out, value_head + corners.row[0] * row_stride, value_head + corners.row[1] * row_stride,
+              value_head + corners.row[2] * row_stride, value_head + corners.row[3] * row_stride,
+              attention * corners.weight[0], attention * corners.weight[1], attention * corners.weight[2],
+              attention * corners.weight[3], sizes.head_dim);
         }
       }
     }
@@ -169,9 +169,69 @@ inline scalar_t backward_border_corner(
   return dot;
 }
 
-// Backward of the (batch, head, level) triples [begin, end) of the flattened (N, M, L).
+// Backward of one sample with at least one corner inside the map: writes the gradients of its
+// location (2,) and attention weight, and adds its share to the grad_value rows of its corners.
 template <typename scalar_t>
-DF_CPU_CLONES void backward_triples(
+inline void backward_sample(
+    const scalar_t* value_head,
+    const scalar_t* grad_out,
+    const BilinearCorners<scalar_t>& corners,
+    scalar_t attention,
+    int64_t height,
+    int64_t width,
+    int64_t row_stride,
+    int64_t head_dim,
+    scalar_t* grad_value_head,
+    scalar_t* grad_location,
+    scalar_t* grad_attention_weight) {
+  const scalar_t* row0 = value_head + corners.row[0] * row_stride;
+  const scalar_t* row1 = value_head + corners.row[1] * row_stride;
+  const scalar_t* row2 = value_head + corners.row[2] * row_stride;
+  const scalar_t* row3 = value_head + corners.row[3] * row_stride;
+  scalar_t* grad_row0 = grad_value_head + corners.row[0] * row_stride;
+  scalar_t* grad_row1 = grad_value_head + corners.row[1] * row_stride;
+  scalar_t* grad_row2 = grad_value_head + corners.row[2] * row_stride;
+  scalar_t* grad_row3 = grad_value_head + corners.row[3] * row_stride;
+  const scalar_t w0 = attention * corners.weight[0];
+  const scalar_t w1 = attention * corners.weight[1];
+  const scalar_t w2 = attention * corners.weight[2];
+  const scalar_t w3 = attention * corners.weight[3];
+  // dot[c] = <grad_out, corner_row_c>, needed for both the location and the weight gradients;
+  // d output / d value is scattered (weight * grad_out) into the four rows this unit owns.
+  scalar_t dot[4];
+  if (corners.inside[0] && corners.inside[1] && corners.inside[2] && corners.inside[3]) {
+    // The common case: four distinct rows, one fused pass over the channels.
+    backward_interior_sample(
+        grad_out, row0, row1, row2, row3, grad_row0, grad_row1, grad_row2, grad_row3, w0, w1, w2, w3,
+        head_dim, dot);
+  } else {
+    // On a border, clamped corners share rows: skip them (zero padding: value 0, no gradient).
+    const scalar_t* rows[4] = {row0, row1, row2, row3};
+    scalar_t* grad_rows[4] = {grad_row0, grad_row1, grad_row2, grad_row3};
+    const scalar_t weights[4] = {w0, w1, w2, w3};
+    for (int corner = 0; corner < 4; ++corner) {
+      dot[corner] = corners.inside[corner]
+          ? backward_border_corner(grad_out, rows[corner], grad_rows[corner], weights[corner], head_dim)
+          : scalar_t(0);
+    }
+  }
+
+  // d output / d attention = the bilinear sample.
+  *grad_attention_weight = corners.weight[0] * dot[0] + corners.weight[1] * dot[1] +
+      corners.weight[2] * dot[2] + corners.weight[3] * dot[3];
+  // d sample / d px = (1 - fy) (v1 - v0) + fy (v3 - v2), and px = x * W - 0.5 (likewise y).
+  const scalar_t fx = corners.frac_x;
+  const scalar_t fy = corners.frac_y;
+  grad_location[0] =
+      attention * static_cast<scalar_t>(width) * ((1 - fy) * (dot[1] - dot[0]) + fy * (dot[3] - dot[2]));
+  grad_location[1] =
+      attention * static_cast<scalar_t>(height) * ((1 - fx) * (dot[2] - dot[0]) + fx * (dot[3] - dot[1]));
+}
+
+// Backward of the work units [begin, end): unit u is head m of batch n for the levels
+// [first_level, first_level + levels_per_unit), with levels_per_unit dividing L (see the caller).
+template <typename scalar_t>
+DF_CPU_CLONES void backward_units(
     const scalar_t* value,
     const int64_t* spatial_shapes,
     const int64_t* level_start_index,
@@ -182,24 +242,26 @@ DF_CPU_CLONES void backward_triples(
     scalar_t* grad_sampling_locations,
     scalar_t* grad_attention_weights,
     const Sizes& sizes,
+    int64_t levels_per_unit,
     int64_t begin,
     int64_t end) {
   const int64_t row_stride = sizes.num_heads * sizes.head_dim;
   const int64_t head_dim = sizes.head_dim;
-  {
-    BilinearCorners<scalar_t> corners;
-    for (int64_t triple = begin; triple < end; ++triple) {
-      const int64_t l = triple % sizes.num_levels;
-      const int64_t m = (triple / sizes.num_levels) % sizes.num_heads;
-      const int64_t n = triple / (sizes.num_levels * sizes.num_heads);
-      const int64_t height = spatial_shapes[2 * l];
-      const int64_t width = spatial_shapes[2 * l + 1];
-      const int64_t head_offset = (n * sizes.num_rows * sizes.num_heads + m) * head_dim;
-      const scalar_t* value_head = value + head_offset;
-      scalar_t* grad_value_head = grad_value + head_offset;
-      for (int64_t q = 0; q < sizes.num_queries; ++q) {
-        const int64_t head_index = (n * sizes.num_queries + q) * sizes.num_heads + m;  // into (N, Lq, M)
-        const scalar_t* grad_out = grad_output + head_index * head_dim;
+  const int64_t units_per_head = sizes.num_levels / levels_per_unit;
+  BilinearCorners<scalar_t> corners;
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t first_level = (unit % units_per_head) * levels_per_unit;
+    const int64_t m = (unit / units_per_head) % sizes.num_heads;
+    const int64_t n = unit / (units_per_head * sizes.num_heads);
+    const int64_t head_offset = (n * sizes.num_rows * sizes.num_heads + m) * head_dim;
+    const scalar_t* value_head = value + head_offset;
+    scalar_t* grad_value_head = grad_value + head_offset;
+    for (int64_t q = 0; q < sizes.num_queries; ++q) {
+      const int64_t head_index = (n * sizes.num_queries + q) * sizes.num_heads + m;  // into (N, Lq, M)
+      const scalar_t* grad_out = grad_output + head_index * head_dim;
+      for (int64_t l = first_level; l < first_level + levels_per_unit; ++l) {
+        const int64_t height = spatial_shapes[2 * l];
+        const int64_t width = spatial_shapes[2 * l + 1];
         const int64_t first_sample = (head_index * sizes.num_levels + l) * sizes.num_points;  // into (N, Lq, M, L, P)
         for (int64_t p = 0; p < sizes.num_points; ++p) {
           const int64_t sample = first_sample + p;
@@ -208,49 +270,9 @@ DF_CPU_CLONES void backward_triples(
                   level_start_index[l], corners)) {
             continue;  // no corner inside: all three gradients stay zero
           }
-          const scalar_t attention = attention_weights[sample];
-          const scalar_t* row0 = value_head + corners.row[0] * row_stride;
-          const scalar_t* row1 = value_head + corners.row[1] * row_stride;
-          const scalar_t* row2 = value_head + corners.row[2] * row_stride;
-          const scalar_t* row3 = value_head + corners.row[3] * row_stride;
-          scalar_t* grad_row0 = grad_value_head + corners.row[0] * row_stride;
-          scalar_t* grad_row1 = grad_value_head + corners.row[1] * row_stride;
-          scalar_t* grad_row2 = grad_value_head + corners.row[2] * row_stride;
-          scalar_t* grad_row3 = grad_value_head + corners.row[3] * row_stride;
-          const scalar_t w0 = attention * corners.weight[0];
-          const scalar_t w1 = attention * corners.weight[1];
-          const scalar_t w2 = attention * corners.weight[2];
-          const scalar_t w3 = attention * corners.weight[3];
-          // dot[c] = <grad_out, corner_row_c>, needed for both the location and the weight gradients;
-          // d output / d value is scattered (weight * grad_out) into the four rows this triple owns.
-          scalar_t dot[4];
-          if (corners.inside[0] && corners.inside[1] && corners.inside[2] && corners.inside[3]) {
-            // The common case: four distinct rows, one fused pass over the channels.
-            backward_interior_sample(
-                grad_out, row0, row1, row2, row3, grad_row0, grad_row1, grad_row2, grad_row3, w0, w1, w2, w3,
-                head_dim, dot);
-          } else {
-            // On a border, clamped corners share rows: skip them (zero padding: value 0, no gradient).
-            const scalar_t* rows[4] = {row0, row1, row2, row3};
-            scalar_t* grad_rows[4] = {grad_row0, grad_row1, grad_row2, grad_row3};
-            const scalar_t weights[4] = {w0, w1, w2, w3};
-            for (int corner = 0; corner < 4; ++corner) {
-              dot[corner] = corners.inside[corner]
-                  ? backward_border_corner(grad_out, rows[corner], grad_rows[corner], weights[corner], head_dim)
-                  : scalar_t(0);
-            }
-          }
-
-          // d output / d attention = the bilinear sample.
-          grad_attention_weights[sample] = corners.weight[0] * dot[0] + corners.weight[1] * dot[1] +
-              corners.weight[2] * dot[2] + corners.weight[3] * dot[3];
-          // d sample / d px = (1 - fy) (v1 - v0) + fy (v3 - v2), and px = x * W - 0.5 (likewise y).
-          const scalar_t fx = corners.frac_x;
-          const scalar_t fy = corners.frac_y;
-          grad_sampling_locations[2 * sample] =
-              attention * static_cast<scalar_t>(width) * ((1 - fy) * (dot[1] - dot[0]) + fy * (dot[3] - dot[2]));
-          grad_sampling_locations[2 * sample + 1] =
-              attention * static_cast<scalar_t>(height) * ((1 - fx) * (dot[2] - dot[0]) + fx * (dot[3] - dot[1]));
+          backward_sample(
+              value_head, grad_out, corners, attention_weights[sample], height, width, row_stride, head_dim,
+              grad_value_head, grad_sampling_locations + 2 * sample, grad_attention_weights + sample);
         }
       }
     }
@@ -345,11 +367,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     scalar_t* grad_value_data = grad_value.data_ptr<scalar_t>();
     scalar_t* grad_locations_data = grad_sampling_locations.data_ptr<scalar_t>();
     scalar_t* grad_weights_data = grad_attention_weights.data_ptr<scalar_t>();
-    // One (batch, head, level) triple per task: each owns its grad_value rows (see the top of the file).
-    at::parallel_for(0, sizes.batch * sizes.num_heads * sizes.num_levels, 1, [&](int64_t begin, int64_t end) {
-      backward_triples<scalar_t>(
+    // Each unit owns its grad_value rows (see the top of the file). All levels of a head in one unit
+    // read each grad_output row once; one level per unit gives L times more units for many threads.
+    // Every grad_value row receives its updates in the same order either way (queries, then points),
+    // so the result does not depend on this choice or on the number of threads.
+    const int64_t num_heads_total = sizes.batch * sizes.num_heads;
+    const int64_t levels_per_unit = num_heads_total >= 2 * at::get_num_threads() ? sizes.num_levels : 1;
+    const int64_t num_units = num_heads_total * (sizes.num_levels / levels_per_unit);
+    at::parallel_for(0, num_units, 1, [&](int64_t begin, int64_t end) {
+      backward_units<scalar_t>(
           value_data, shapes_data, starts_data, locations_data, weights_data, grad_output_data, grad_value_data,
-          grad_locations_data, grad_weights_data, sizes, begin, end);
+          grad_locations_data, grad_weights_data, sizes, levels_per_unit, begin, end);
     });
   });
   return {grad_value, grad_sampling_locations, grad_attention_weights};
