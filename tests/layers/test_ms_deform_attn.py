@@ -286,6 +286,21 @@ def test_empty_inputs_give_empty_outputs(batch, num_queries):
     assert torch.all(grad_value == 0)
 
 
+@requires_cpu_kernel
+def test_autocast_runs_in_float32_like_grid_sample():
+    inputs = make_inputs(1, [(4, 5), (2, 3)], 2, 8, 4, 2, dtype=torch.float32, seed=14)
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    with pytest.raises(TypeError, match="value has dtype"):
+        ms_deform_attn(value.bfloat16(), spatial_shapes, level_start_index, locations, weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = ms_deform_attn(value.bfloat16(), spatial_shapes, level_start_index, locations, weights)
+        expected = ms_deform_attn_reference(value.bfloat16(), spatial_shapes, level_start_index, locations, weights)
+    assert output.dtype == torch.float32 == expected.dtype
+    torch.testing.assert_close(
+        output, ms_deform_attn(value.bfloat16().float(), spatial_shapes, level_start_index, locations, weights)
+    )
+
+
 def _valid_inputs():
     return make_inputs(2, [(3, 4), (2, 2)], 2, 4, 3, 2, seed=13)
 

@@ -175,12 +175,20 @@ def ms_deform_attn(
 
     Returns:
         (N, Lq, M * D). Bilinear sampling with zero padding (``grid_sample``, ``align_corners=False``):
-        a corner outside a map, and a non-finite location, contribute zero.
+        a corner outside a map, and a non-finite location, contribute zero. Float32 under autocast
+        (the inputs are cast to float32 first), else the dtype of the inputs.
     """
+    device_type = value.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast the inputs arrive in mixed precision (a float16 value projection, float32
+        # softmax weights). Like grid_sample, which autocast runs in float32, the op then computes
+        # in float32; outside autocast mixed dtypes are an error.
+        value, sampling_locations, attention_weights = (
+            t.float() if t.is_floating_point() else t for t in (value, sampling_locations, attention_weights)
+        )
     check_ms_deform_attn_inputs(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, check_levels=False
     )
-    device_type = value.device.type
     if device_type in _COMPILED_KERNELS:
         # Level values are checked in C++, once, right before the kernel runs.
         return torch.ops.deformable_family.ms_deform_attn(
