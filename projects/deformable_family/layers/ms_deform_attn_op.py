@@ -39,6 +39,18 @@ def _shape(tensor: torch.Tensor) -> Tuple[int, ...]:
     return tuple(tensor.shape)
 
 
+def _check_are_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
+    for name, tensor in (
+        ("value", value),
+        ("spatial_shapes", spatial_shapes),
+        ("level_start_index", level_start_index),
+        ("sampling_locations", sampling_locations),
+        ("attention_weights", attention_weights),
+    ):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+
+
 def check_ms_deform_attn_inputs(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -56,15 +68,7 @@ def check_ms_deform_attn_inputs(
             skipped where values are unknown (fake tensors while tracing); the compiled op always
             performs it in C++ before any kernel runs.
     """
-    for name, tensor in (
-        ("value", value),
-        ("spatial_shapes", spatial_shapes),
-        ("level_start_index", level_start_index),
-        ("sampling_locations", sampling_locations),
-        ("attention_weights", attention_weights),
-    ):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    _check_are_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if value.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"ms_deform_attn: value must be float32, float64, float16 or bfloat16, got {value.dtype}")
     for name, tensor in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
@@ -178,6 +182,7 @@ def ms_deform_attn(
         a corner outside a map, and a non-finite location, contribute zero. Float32 under autocast
         (the inputs are cast to float32 first), else the dtype of the inputs.
     """
+    _check_are_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     device_type = value.device.type
     if torch.is_autocast_enabled(device_type):
         # Under autocast the inputs arrive in mixed precision (a float16 value projection, float32
