@@ -6,11 +6,9 @@ from ..common.optim import optimizer
 from ..common.schedule import lr_multiplier
 from ..common.train import train
 
-# The authors' total batch is 32. detectron2's coco_2017_train drops images without annotations,
-# leaving 117,266 images: 117,266 / 32 = 3,664.6 iterations per epoch, x 50 epochs = 183,229
-# (rounded up). Change max_iter with the batch size; the lr drop is a fraction of max_iter (epoch 40).
-dataloader.train.total_batch_size = 32
-train.max_iter = 183229
+# The authors' recipe, from the common pieces: total batch 32 (dataloader.train.total_batch_size) and
+# train.max_iter = 184,824 = 50 epochs of the 118,287 train2017 images (images without annotations are
+# kept, as the authors do). Change max_iter with the batch size; the lr drop follows at 80% (epoch 40).
 
 # No pretrained weights are fetched: supply ImageNet ResNet weights in detectron2's names (e.g.
 # torchvision's converted by detectron2's tools/convert-torchvision-to-d2.py), or a checkpoint

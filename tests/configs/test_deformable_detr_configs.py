@@ -49,8 +49,9 @@ def test_config_builds_with_expected_variant(path):
         assert key in cfg
     assert cfg.train.init_checkpoint == ""
     assert cfg.dataloader.train.total_batch_size == 32
-    # 50 epochs of detectron2's coco_2017_train (117,266 images with annotations) at batch 32.
-    assert cfg.train.max_iter == math.ceil(50 * 117266 / 32)
+    # 50 epochs of the 118,287 train2017 images (empty ones kept, as the authors) at batch 32.
+    assert cfg.dataloader.train.dataset.filter_empty is False
+    assert cfg.train.max_iter == math.ceil(50 * 118287 / 32)
     assert model.num_classes == 80 and model.criterion.num_classes == 80
     assert model.two_stage == ("two_stage" in name)
     assert model.with_box_refine == ("two_stage" in name or "box_refine" in name)
