@@ -34,10 +34,10 @@ def test_content_is_varied(tmp_path):
     assert {a["category_id"] for a in coco["annotations"]} == set(range(1, len(SHAPES_CLASSES) + 1))
     sizes = [max(a["bbox"][2:]) for a in coco["annotations"]]
     aspects = [a["bbox"][2] / a["bbox"][3] for a in coco["annotations"]]
-    assert min(sizes) < 25 and max(sizes) > 40
+    assert min(sizes) < 25 and max(sizes) > 40 and min(min(a['bbox'][2:]) for a in coco['annotations']) >= 16 / 1.5 ** 0.5 - 0.01
     assert min(aspects) < 0.8 and max(aspects) > 1.25
     for image in coco["images"]:
-        assert 128 <= image["height"] <= 160 and 128 <= image["width"] <= 160
+        assert 112 <= image["height"] <= 144 and 112 <= image["width"] <= 144
     for a in coco["annotations"]:
         image = coco["images"][a["image_id"] - 1]
         x, y, w, h = a["bbox"]

@@ -1,6 +1,6 @@
-# The synthetic "shapes" dataset (deformable_family.data.shapes: 128-160 px images, 5 categories)
-# with the DETR augmentation recipe scaled to its image size (COCO's sizes divided by about 5):
-# flip, then either a multi-scale resize or resize -> random crop -> resize.
+# The synthetic "shapes" dataset (deformable_family.data.shapes: 112-144 px images, 5 categories)
+# with the DETR augmentation recipe scaled to its image size (COCO's sizes divided by 6.25, so the
+# test size 800 becomes 128): flip, then either a multi-scale resize or resize -> crop -> resize.
 from detectron2.config import LazyCall as L
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.data import transforms as T
@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from deformable_family.data import DetrDatasetMapper, RandomSelect, load_dataset_dicts
 from deformable_family.evaluation import build_coco_evaluator
 
-_MULTI_SCALE = [96, 112, 128, 144, 160]
+_MULTI_SCALE = [80, 88, 96, 104, 112, 120, 128]  # 480..800
 
 dataloader = OmegaConf.create()
 
@@ -20,11 +20,11 @@ dataloader.train = L(build_detection_train_loader)(
         augmentations=[
             L(T.RandomFlip)(horizontal=True),
             L(RandomSelect)(
-                first=L(T.ResizeShortestEdge)(short_edge_length=_MULTI_SCALE, max_size=267, sample_style="choice"),
+                first=L(T.ResizeShortestEdge)(short_edge_length=_MULTI_SCALE, max_size=213, sample_style="choice"),
                 second=[
-                    L(T.ResizeShortestEdge)(short_edge_length=[96, 112, 128], sample_style="choice"),
-                    L(T.RandomCrop)(crop_type="absolute_range", crop_size=(80, 128)),
-                    L(T.ResizeShortestEdge)(short_edge_length=_MULTI_SCALE, max_size=267, sample_style="choice"),
+                    L(T.ResizeShortestEdge)(short_edge_length=[64, 80, 96], sample_style="choice"),  # 400/500/600
+                    L(T.RandomCrop)(crop_type="absolute_range", crop_size=(61, 96)),  # 384..600
+                    L(T.ResizeShortestEdge)(short_edge_length=_MULTI_SCALE, max_size=213, sample_style="choice"),
                 ],
                 prob=0.5,
             ),

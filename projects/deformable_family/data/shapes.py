@@ -1,10 +1,10 @@
 """A small synthetic detection dataset ("shapes") generated on first use, for tests and the CPU
 quickstart.
 
-Each image (128-160 px per side) has 1-6 objects of 5 categories, each with a random colour (the
-colour says nothing about the category), size (12-56 px), aspect ratio (about 1:1.6 either way) and
+Each image (112-144 px per side) has 1-4 objects of 5 categories, each with a random colour (the
+colour says nothing about the category), size (16-56 px), aspect ratio (up to 1:1.5 either way) and
 orientation, drawn over a clutter background: a colour gradient, Gaussian noise, random lines and
-blurred distractor blobs. Objects may overlap (IoU up to 0.3; a later object hides part of an
+blurred distractor blobs. Objects may overlap (IoU up to 0.2; a later object hides part of an
 earlier one, whose box stays the full shape, as COCO's amodal boxes).
 
 The dataset is written as COCO json plus PNG images into ``<root>/shapes_v1/`` with ``root``
@@ -33,10 +33,11 @@ SHAPES_CLASSES = ["circle", "rectangle", "triangle", "cross", "ring"]
 SHAPES_SPLITS = {"train": (2000, 0), "val": (200, 1)}
 SHAPES_VERSION = "shapes_v1"
 
-_IMAGE_SIDE_RANGE = (128, 160)
-_OBJECT_SIZE_RANGE = (12, 56)
-_MAX_ASPECT = 1.6
-_MAX_OVERLAP_IOU = 0.3
+_IMAGE_SIDE_RANGE = (112, 144)
+_OBJECT_SIZE_RANGE = (16, 56)
+_MAX_ASPECT = 1.5
+_MAX_OVERLAP_IOU = 0.2
+_MAX_OBJECTS = 4
 
 
 def default_shapes_root() -> str:
@@ -62,13 +63,13 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     ramp = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
     image = (top * (1 - ramp) + bottom * ramp) * np.ones((1, width, 1), np.float32)
     blobs = np.zeros_like(image)
-    for _ in range(rng.integers(1, 5)):
+    for _ in range(rng.integers(0, 4)):
         center = (int(rng.integers(0, width)), int(rng.integers(0, height)))
         axes = (int(rng.integers(3, 20)), int(rng.integers(3, 20)))
         cv2.ellipse(blobs, center, axes, float(rng.uniform(0, 180)), 0, 360, rng.uniform(0, 255, 3).tolist(), -1)
     mask = cv2.GaussianBlur((blobs.sum(axis=2, keepdims=True) > 0).astype(np.float32), (0, 0), 3)[..., None]
     image = image * (1 - mask) + cv2.GaussianBlur(blobs, (0, 0), 3) * mask
-    for _ in range(rng.integers(2, 7)):
+    for _ in range(rng.integers(1, 5)):
         p0 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
         p1 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
         cv2.line(image, p0, p1, rng.uniform(0, 255, 3).tolist(), int(rng.integers(1, 3)), cv2.LINE_AA)
@@ -136,7 +137,7 @@ def _make_image(seed: Tuple[int, ...]) -> Tuple[np.ndarray, List[Dict[str, Any]]
     image = _background(rng, height, width)
     boxes = np.zeros((0, 4))
     objects = []
-    for _ in range(int(rng.integers(1, 7))):
+    for _ in range(int(rng.integers(1, _MAX_OBJECTS + 1))):
         for _attempt in range(20):
             size = rng.uniform(*_OBJECT_SIZE_RANGE)
             aspect = np.exp(rng.uniform(-np.log(_MAX_ASPECT), np.log(_MAX_ASPECT)))
@@ -153,7 +154,7 @@ def _make_image(seed: Tuple[int, ...]) -> Tuple[np.ndarray, List[Dict[str, Any]]
         _draw_object(image, rng, SHAPES_CLASSES[category], box)
         boxes = np.vstack([boxes, box])
         objects.append({"box": box, "category": category})
-    image = image + rng.normal(0, rng.uniform(4, 16), size=image.shape)
+    image = image + rng.normal(0, rng.uniform(3, 10), size=image.shape)
     return np.clip(np.round(image), 0, 255).astype(np.uint8), objects
 
 
