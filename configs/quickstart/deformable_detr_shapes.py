@@ -44,7 +44,7 @@ model.two_stage = True
 
 train.device = "cpu"
 train.output_dir = "./output/quickstart_shapes"
-train.max_iter = 1500
+train.max_iter = 2000
 train.eval_period = 500
 train.log_period = 20
 train.checkpointer.period = 500
