@@ -3,11 +3,8 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from detectron2.data import transforms as T
 from omegaconf import OmegaConf
 
-from deformable_family.data import DetrDatasetMapper, RandomSelect, load_dataset_dicts
+from deformable_family.data import DetrDatasetMapper, detr_train_augmentations, load_dataset_dicts
 from deformable_family.evaluation import build_coco_evaluator
-
-# The authors' augmentation: flip, then either a multi-scale resize or resize -> crop -> resize.
-_MULTI_SCALE = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
 
 dataloader = OmegaConf.create()
 
@@ -15,22 +12,16 @@ dataloader.train = L(build_detection_train_loader)(
     dataset=L(load_dataset_dicts)(names="coco_2017_train", filter_empty=False),
     mapper=L(DetrDatasetMapper)(
         is_train=True,
-        augmentations=[
-            L(T.RandomFlip)(horizontal=True),
-            L(RandomSelect)(
-                first=L(T.ResizeShortestEdge)(short_edge_length=_MULTI_SCALE, max_size=1333, sample_style="choice"),
-                second=[
-                    L(T.ResizeShortestEdge)(short_edge_length=[400, 500, 600], sample_style="choice"),
-                    L(T.RandomCrop)(crop_type="absolute_range", crop_size=(384, 600)),
-                    L(T.ResizeShortestEdge)(short_edge_length=_MULTI_SCALE, max_size=1333, sample_style="choice"),
-                ],
-                prob=0.5,
-            ),
-        ],
+        # The authors': flip, then either a multi-scale resize or resize -> random crop -> resize.
+        augmentations=L(detr_train_augmentations)(
+            multi_scale_sizes=[480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800],
+            max_size=1333,
+            crop_pre_resize_sizes=[400, 500, 600],
+            crop_size=[384, 600],
+        ),
         image_format="RGB",
     ),
     total_batch_size=32,  # the authors' total batch (2 images per GPU); detrex uses 16 with lr 1e-4
-
     num_workers=4,
 )
 

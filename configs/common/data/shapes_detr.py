@@ -6,10 +6,9 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from detectron2.data import transforms as T
 from omegaconf import OmegaConf
 
-from deformable_family.data import DetrDatasetMapper, RandomSelect, load_dataset_dicts
+from deformable_family.data import DetrDatasetMapper, detr_train_augmentations, load_dataset_dicts
 from deformable_family.evaluation import build_coco_evaluator
 
-_MULTI_SCALE = [80, 88, 96, 104, 112, 120, 128]  # 480..800
 
 dataloader = OmegaConf.create()
 
@@ -17,18 +16,12 @@ dataloader.train = L(build_detection_train_loader)(
     dataset=L(load_dataset_dicts)(names="shapes_train", filter_empty=False),
     mapper=L(DetrDatasetMapper)(
         is_train=True,
-        augmentations=[
-            L(T.RandomFlip)(horizontal=True),
-            L(RandomSelect)(
-                first=L(T.ResizeShortestEdge)(short_edge_length=_MULTI_SCALE, max_size=213, sample_style="choice"),
-                second=[
-                    L(T.ResizeShortestEdge)(short_edge_length=[64, 80, 96], sample_style="choice"),  # 400/500/600
-                    L(T.RandomCrop)(crop_type="absolute_range", crop_size=(61, 96)),  # 384..600
-                    L(T.ResizeShortestEdge)(short_edge_length=_MULTI_SCALE, max_size=213, sample_style="choice"),
-                ],
-                prob=0.5,
-            ),
-        ],
+        augmentations=L(detr_train_augmentations)(
+            multi_scale_sizes=[80, 88, 96, 104, 112, 120, 128],  # 480..800
+            max_size=213,  # 1333
+            crop_pre_resize_sizes=[64, 80, 96],  # 400/500/600
+            crop_size=[61, 96],  # 384..600
+        ),
         image_format="RGB",
     ),
     total_batch_size=8,

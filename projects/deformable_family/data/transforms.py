@@ -4,7 +4,7 @@ from typing import Sequence, Union
 
 from detectron2.data import transforms as T
 
-__all__ = ["RandomSelect", "RandomChoiceAugmentation"]
+__all__ = ["RandomSelect", "RandomChoiceAugmentation", "detr_train_augmentations"]
 
 
 def _as_augmentation(aug: Union[T.Augmentation, Sequence[T.Augmentation]], name: str) -> T.Augmentation:
@@ -59,3 +59,26 @@ class RandomSelect(T.Augmentation):
 
 # The name used in the issue; both refer to the same class.
 RandomChoiceAugmentation = RandomSelect
+
+
+def detr_train_augmentations(
+    multi_scale_sizes: Sequence[int],
+    max_size: int,
+    crop_pre_resize_sizes: Sequence[int],
+    crop_size: Sequence[int],
+    crop_prob: float = 0.5,
+) -> list:
+    """The DETR training augmentation, one function for every dataset's image scale.
+
+    Horizontal flip, then with probability ``1 - crop_prob`` a shortest-edge resize to one of
+    ``multi_scale_sizes`` (longest edge at most ``max_size``), otherwise a resize to one of
+    ``crop_pre_resize_sizes``, a random crop with each side in ``crop_size = (min, max)`` pixels and the
+    same multi-scale resize. COCO: (480, 512, ..., 800), 1333, (400, 500, 600), (384, 600).
+    """
+    multi_scale = T.ResizeShortestEdge(list(multi_scale_sizes), max_size=max_size, sample_style="choice")
+    crop_branch = [
+        T.ResizeShortestEdge(list(crop_pre_resize_sizes), sample_style="choice"),
+        T.RandomCrop("absolute_range", tuple(crop_size)),
+        T.ResizeShortestEdge(list(multi_scale_sizes), max_size=max_size, sample_style="choice"),
+    ]
+    return [T.RandomFlip(horizontal=True), RandomSelect(multi_scale, crop_branch, prob=1.0 - crop_prob)]
