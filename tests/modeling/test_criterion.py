@@ -254,12 +254,13 @@ def _distributed_worker(rank, init_file, result_dir):
 
 
 def test_num_boxes_is_averaged_over_workers(tmp_path):
-    # fork: the children need not import the package again (spawn would, for seconds).
+    # spawn, not fork: a child forked from a process whose OpenMP pool is running can deadlock in
+    # its first parallel op (seen here: CI hung inside binary_cross_entropy_with_logits).
     mp.start_processes(
         _distributed_worker,
         args=(str(tmp_path / "init"), str(tmp_path)),
         nprocs=2,
-        start_method="fork",
+        start_method="spawn",
     )
     for rank in range(2):
         results = torch.load(tmp_path / f"{rank}.pt")
