@@ -1,6 +1,9 @@
-// The bilinear sampling step shared by the CPU and CUDA kernels: where the four corners of one
-// sampling location are and how much each contributes (grid_sample, align_corners=False, zeros).
+// What the CPU and CUDA kernels share: the sizes of one call, and the bilinear sampling step (where
+// the four corners of one sampling location are and how much each contributes; grid_sample,
+// align_corners=False, zeros).
 #pragma once
+
+#include <ATen/core/Tensor.h>
 
 #include <cmath>
 #include <cstdint>
@@ -12,6 +15,23 @@
 #endif
 
 namespace deformable_family {
+
+// The sizes of one call (see ms_deform_attn.h): value (N, S, M, D), locations (N, Lq, M, L, P, 2).
+struct Sizes {
+  int64_t batch;  // N
+  int64_t num_rows;  // S
+  int64_t num_heads;  // M
+  int64_t head_dim;  // D
+  int64_t num_queries;  // Lq
+  int64_t num_levels;  // L
+  int64_t num_points;  // P
+};
+
+inline Sizes sizes_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
+  return Sizes{
+      value.size(0), value.size(1), value.size(2), value.size(3), sampling_locations.size(1),
+      sampling_locations.size(3), sampling_locations.size(4)};
+}
 
 DF_HOST_DEVICE float floor_of(float v) {
   return floorf(v);

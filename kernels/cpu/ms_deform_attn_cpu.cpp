@@ -31,22 +31,6 @@ namespace deformable_family {
 
 namespace {
 
-struct Sizes {
-  int64_t batch;
-  int64_t num_rows;  // S
-  int64_t num_heads;  // M
-  int64_t head_dim;  // D
-  int64_t num_queries;  // Lq
-  int64_t num_levels;  // L
-  int64_t num_points;  // P
-};
-
-Sizes sizes_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
-  return Sizes{
-      value.size(0), value.size(1), value.size(2), value.size(3), sampling_locations.size(1),
-      sampling_locations.size(3), sampling_locations.size(4)};
-}
-
 // output[d] += sum_c weight[c] * corner_row_c[d] over the D channels of one head.
 template <typename scalar_t>
 inline void accumulate_sample(

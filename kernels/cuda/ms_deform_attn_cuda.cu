@@ -38,16 +38,6 @@ constexpr int kWarpSize = 32;
 // Grid-stride loops cover any size; this caps the grid well below the hardware limit.
 constexpr int64_t kMaxBlocks = 65535;
 
-struct Sizes {
-  int64_t batch;
-  int64_t num_rows;  // S
-  int64_t num_heads;  // M
-  int64_t head_dim;  // D
-  int64_t num_queries;  // Lq
-  int64_t num_levels;  // L
-  int64_t num_points;  // P
-};
-
 int64_t num_blocks_for(int64_t num_threads) {
   return std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (num_threads + kThreadsPerBlock - 1) / kThreadsPerBlock));
 }
@@ -180,12 +170,6 @@ __global__ void backward_kernel(
       }
     }
   }
-}
-
-Sizes sizes_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
-  return Sizes{
-      value.size(0), value.size(1), value.size(2), value.size(3), sampling_locations.size(1),
-      sampling_locations.size(3), sampling_locations.size(4)};
 }
 
 }  // namespace
