@@ -162,15 +162,7 @@ def test_transformer_ignores_padding(variant):
     def run(feature_list, mask_list):
         pos = [model.position_embedding(m) for m in mask_list]
         with torch.no_grad():
-            return transformer(
-                feature_list,
-                mask_list,
-                pos,
-                query_embed=None if model.two_stage else model.query_embed.weight,
-                box_heads=model.bbox_embed if model.with_box_refine else None,
-                proposal_class_head=model.proposal_class_embed if model.two_stage else None,
-                proposal_box_head=model.proposal_bbox_embed if model.two_stage else None,
-            )
+            return model.run_transformer(feature_list, mask_list, pos)
 
     alone = run(features, masks)
     padded = run(padded_features, padded_masks)

@@ -2,7 +2,7 @@
 
 import copy
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -217,6 +217,21 @@ class DeformableDETR(nn.Module):
             targets.append({"labels": instances.gt_classes.long(), "boxes": boxes})
         return targets
 
+    def run_transformer(
+        self, features: List[torch.Tensor], masks: List[torch.Tensor], pos_embeds: List[torch.Tensor]
+    ) -> Dict[str, Any]:
+        """The transformer on per-level features (B, d, H_l, W_l), padding masks (B, H_l, W_l) and
+        position embeddings, with this model's queries and heads (heads live here, not in the decoder)."""
+        return self.transformer(
+            features,
+            masks,
+            pos_embeds,
+            query_embed=None if self.two_stage else self.query_embed.weight,
+            box_heads=self.bbox_embed if self.with_box_refine else None,
+            proposal_class_head=self.proposal_class_embed if self.two_stage else None,
+            proposal_box_head=self.proposal_bbox_embed if self.two_stage else None,
+        )
+
     def forward_outputs(self, images: torch.Tensor, mask: torch.Tensor) -> Dict:
         """
         Args:
@@ -232,15 +247,7 @@ class DeformableDETR(nn.Module):
         ]
         pos_embeds = [self.position_embedding(m).to(f.dtype) for m, f in zip(masks, features)]
         num_decoder_layers = self.transformer.decoder.num_layers
-        transformer_outputs = self.transformer(
-            features,
-            masks,
-            pos_embeds,
-            query_embed=None if self.two_stage else self.query_embed.weight,
-            box_heads=self.bbox_embed if self.with_box_refine else None,
-            proposal_class_head=self.proposal_class_embed if self.two_stage else None,
-            proposal_box_head=self.proposal_bbox_embed if self.two_stage else None,
-        )
+        transformer_outputs = self.run_transformer(features, masks, pos_embeds)
         hidden_states = transformer_outputs["hidden_states"]
         references = transformer_outputs["references"]
         layer_outputs = []
