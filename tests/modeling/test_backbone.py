@@ -73,3 +73,87 @@ def test_bad_arguments_are_clear_errors():
         MultiScaleResNet(depth=18, in_features=["res6"])
     with pytest.raises(ValueError, match="in_features"):
         MultiScaleResNet(depth=18, in_features=["res5", "res3"])
+
+
+def _adamixer_backbone(depth: int = 50, **overrides) -> MultiScaleResNet:
+    kwargs = dict(
+        depth=depth,
+        in_features=["res2", "res3", "res4", "res5"],
+        num_extra_levels=0,
+        norm="BN",
+        norm_eval=True,
+        shared_norm=True,
+    )
+    kwargs.update(overrides)
+    return MultiScaleResNet(**kwargs)
+
+
+def test_shared_norm_is_one_groupnorm_applied_to_every_level():
+    """AdaMixer's neck: per level a 1x1 conv with bias, then the same GroupNorm(32) module."""
+    backbone = _adamixer_backbone(depth=18, out_channels=64)
+    assert [shape.stride for shape in backbone.output_shape().values()] == [4, 8, 16, 32]
+    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms == [backbone.shared_norm] and backbone.shared_norm.num_groups == 32
+    assert all(len(projection) == 1 for projection in backbone.input_proj)
+    with torch.no_grad():
+        backbone.shared_norm.weight.uniform_(0.5, 2.0)
+        backbone.shared_norm.bias.normal_()
+    backbone.eval()
+    images = torch.randn(1, 3, 64, 96)
+    outputs = backbone(images)
+    stage_outputs = backbone.body(images)
+    for (name, feature), stage, projection in zip(
+        outputs.items(), ["res2", "res3", "res4", "res5"], backbone.input_proj
+    ):
+        expected = backbone.shared_norm(projection[0](stage_outputs[stage]))
+        torch.testing.assert_close(feature, expected)
+    # One norm for all levels: an affine change of it changes every level.
+    with torch.no_grad():
+        backbone.shared_norm.bias.add_(1.0)
+    shifted = backbone(images)
+    for name in outputs:
+        torch.testing.assert_close(shifted[name], outputs[name] + 1.0)
+
+
+def test_norm_eval_counts_and_freezing_match_the_authors_resnet50():
+    """mmdetection's ResNet-50 with frozen_stages=1, norm_eval=True: 23,508,032 parameters of which
+    225,344 (stem and res2) frozen; BatchNorm kept (its affine of res3-res5 trainable, 50,176)."""
+    backbone = _adamixer_backbone()
+    body = backbone.body
+    total = sum(p.numel() for p in body.parameters())
+    trainable = sum(p.numel() for p in body.parameters() if p.requires_grad)
+    assert (total, trainable) == (23_508_032, 23_282_688)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+    bn_trainable = sum(
+        p.numel()
+        for m in body.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for p in m.parameters()
+        if p.requires_grad
+    )
+    assert bn_trainable == 50_176
+    for name, parameter in body.named_parameters():
+        assert parameter.requires_grad == (not name.startswith(("stem.", "res2."))), name
+    neck = sum(p.numel() for n, p in backbone.named_parameters() if not n.startswith("body."))
+    assert neck == 984_576
+
+
+def test_norm_eval_keeps_batchnorm_statistics_fixed_in_training():
+    backbone = _adamixer_backbone(depth=18, out_channels=64)
+    backbone.train()
+    assert backbone.training and backbone.input_proj.training
+    batchnorms = [m for m in backbone.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert batchnorms and all(not m.training for m in batchnorms)
+    before = [m.running_mean.clone() for m in batchnorms]
+    outputs = backbone(torch.randn(2, 3, 64, 64) * 3 + 1)
+    sum(feature.sum() for feature in outputs.values()).backward()
+    for module, mean in zip(batchnorms, before):
+        torch.testing.assert_close(module.running_mean, mean)
+    # The affine parameters after the frozen stages still receive gradients.
+    assert backbone.body.res3[0].conv1.norm.weight.grad is not None
+    assert backbone.body.stem.conv1.norm.weight.grad is None
+
+
+def test_norm_eval_needs_batchnorm():
+    with pytest.raises(ValueError, match="norm_eval"):
+        MultiScaleResNet(depth=18, norm="FrozenBN", norm_eval=True)

@@ -1,4 +1,8 @@
-"""Multi-scale ResNet of Deformable DETR: C3-C5 through 1x1 conv + GroupNorm, plus C6 from C5. No FPN."""
+"""Multi-scale ResNet of Deformable DETR: C3-C5 through 1x1 conv + GroupNorm, plus C6 from C5. No FPN.
+
+The same module serves AdaMixer / StageInteractor (C2-C5, one GroupNorm shared by all levels,
+BatchNorm in eval mode with trainable affine parameters) through keyword arguments.
+"""
 
 from typing import Dict, List, Sequence
 
@@ -33,6 +37,8 @@ class MultiScaleResNet(Backbone):
         freeze_at: int = 2,
         norm: str = "FrozenBN",
         stride_in_1x1: bool = False,
+        shared_norm: bool = False,
+        norm_eval: bool = False,
     ):
         """
         Args:
@@ -45,6 +51,15 @@ class MultiScaleResNet(Backbone):
             freeze_at: 2 freezes the stem and res2, as the authors (only res3-res5 train).
             norm: ResNet norm; "FrozenBN" keeps ImageNet statistics as buffers.
             stride_in_1x1: False puts the stride on the 3x3 conv, as torchvision's weights expect.
+            shared_norm: one GroupNorm module (``self.shared_norm``) applied to every level after its
+                conv, instead of one GroupNorm per level: the neck of AdaMixer / StageInteractor
+                (mmdetection's ChannelMapping with ``gn_out``).
+            norm_eval: mmdetection's ``norm_eval=True`` with ``frozen_stages``: every BatchNorm of the
+                ResNet stays in eval mode during training (running statistics never updated) while
+                the affine parameters of the stages after ``freeze_at`` still train; the frozen
+                stages keep their BatchNorm modules with ``requires_grad=False`` instead of being
+                converted to FrozenBN, so their weights count as (frozen) parameters, as in the
+                AdaMixer / StageInteractor authors' models. Requires ``norm="BN"`` or ``"SyncBN"``.
         """
         super().__init__()
         if depth not in (18, 34, 50, 101):
@@ -59,22 +74,37 @@ class MultiScaleResNet(Backbone):
             raise ValueError(f"in_features must be in increasing stride order, got {in_features}")
         if num_extra_levels < 0:
             raise ValueError(f"num_extra_levels must be >= 0, got {num_extra_levels}")
+        if norm_eval and norm not in ("BN", "SyncBN"):
+            raise ValueError(
+                f"norm_eval=True keeps BatchNorm layers in eval mode: norm must be 'BN' or 'SyncBN', "
+                f"got {norm!r} (FrozenBN is already fixed)"
+            )
 
         stage_kwargs = {"norm": norm}
         if depth >= 50:
             stage_kwargs["stride_in_1x1"] = stride_in_1x1
         stem = BasicStem(in_channels=3, out_channels=64, norm=norm)
         stages = ResNet.make_default_stages(depth, **stage_kwargs)
-        self.body = ResNet(stem, stages, out_features=in_features, freeze_at=freeze_at)
+        self.norm_eval = norm_eval
+        if norm_eval:
+            # detectron2's freeze converts BatchNorm to FrozenBN (affine as buffers); mmdetection
+            # only stops the gradients, so the frozen weights stay parameters.
+            self.body = ResNet(stem, stages, out_features=in_features, freeze_at=0)
+            _freeze_keeping_norms(self.body, freeze_at)
+        else:
+            self.body = ResNet(stem, stages, out_features=in_features, freeze_at=freeze_at)
         self.in_features = in_features
         body_shapes = self.body.output_shape()
+
+        def level_norm() -> List[nn.Module]:
+            return [] if shared_norm else [nn.GroupNorm(num_groups, out_channels)]
 
         projections: List[nn.Module] = []
         for name in in_features:
             projections.append(
                 nn.Sequential(
                     nn.Conv2d(body_shapes[name].channels, out_channels, kernel_size=1),
-                    nn.GroupNorm(num_groups, out_channels),
+                    *level_norm(),
                 )
             )
         in_channels = body_shapes[in_features[-1]].channels
@@ -82,11 +112,12 @@ class MultiScaleResNet(Backbone):
             projections.append(
                 nn.Sequential(
                     nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1),
-                    nn.GroupNorm(num_groups, out_channels),
+                    *level_norm(),
                 )
             )
             in_channels = out_channels
         self.input_proj = nn.ModuleList(projections)
+        self.shared_norm = nn.GroupNorm(num_groups, out_channels) if shared_norm else None
         for projection in self.input_proj:
             nn.init.xavier_uniform_(projection[0].weight, gain=1)
             nn.init.constant_(projection[0].bias, 0)
@@ -96,6 +127,14 @@ class MultiScaleResNet(Backbone):
         self._out_features = [f"p{stride.bit_length() - 1}" for stride in strides]
         self._out_feature_strides = dict(zip(self._out_features, strides))
         self._out_feature_channels = {name: out_channels for name in self._out_features}
+
+    def train(self, mode: bool = True) -> "MultiScaleResNet":
+        super().train(mode)
+        if self.norm_eval:
+            for module in self.body.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     @property
     def num_levels(self) -> int:
@@ -120,14 +159,31 @@ class MultiScaleResNet(Backbone):
         """
         stage_outputs = self.body(images)
         outputs: List[torch.Tensor] = [
-            projection(stage_outputs[name])
+            self._normalise(projection(stage_outputs[name]))
             for projection, name in zip(self.input_proj, self.in_features)
         ]
         previous = stage_outputs[self.in_features[-1]]
         for projection in self.input_proj[len(self.in_features) :]:
-            previous = projection(previous)
+            previous = self._normalise(projection(previous))
             outputs.append(previous)
         return dict(zip(self._out_features, outputs))
+
+    def _normalise(self, feature: torch.Tensor) -> torch.Tensor:
+        return feature if self.shared_norm is None else self.shared_norm(feature)
+
+
+def _freeze_keeping_norms(body: ResNet, freeze_at: int) -> None:
+    """Stop the gradients of the stem (freeze_at >= 1) and of res2..res{freeze_at}, keeping their
+    modules (BatchNorm included) as they are: mmdetection's ``frozen_stages = freeze_at - 1``."""
+    frozen = [body.stem] if freeze_at >= 1 else []
+    frozen += [
+        getattr(body, f"res{index}")
+        for index in range(2, freeze_at + 1)
+        if hasattr(body, f"res{index}")
+    ]
+    for module in frozen:
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
 
 
 @BACKBONE_REGISTRY.register()
