@@ -6,16 +6,17 @@ assignment: sigmoid focal classification, L1 and GIoU box losses, all divided by
 ``num_boxes``. The returned dict holds losses already multiplied by their weights, since
 detectron2's trainer sums the dict.
 """
-from typing import Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .box_ops import box_cxcywh_to_xyxy, box_iou
 from .losses import giou_box_loss, l1_box_loss, sigmoid_focal_loss
-from .matcher import check_targets
+from .matcher import boxes_in_l1_format, check_l1_box_format, check_targets
 
-__all__ = ["SetCriterion", "compute_num_boxes"]
+__all__ = ["SetCriterion", "compute_num_boxes", "cross_stage_class_targets"]
 
 LOSS_NAMES = ("loss_class", "loss_bbox", "loss_giou")
 
@@ -85,6 +86,8 @@ class SetCriterion(nn.Module):
         },  # noqa: B006
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        l1_box_format: str = "cxcywh",
+        cross_stage_iou_threshold: Optional[float] = None,
     ):
         """
         Args:
@@ -94,6 +97,16 @@ class SetCriterion(nn.Module):
             weight_dict: weight of each of "loss_class", "loss_bbox", "loss_giou" (all three
                 required; the dict is copied, never modified).
             focal_alpha, focal_gamma: parameters of the sigmoid focal loss.
+            l1_box_format: coordinates of the L1 loss, both normalised by the image size: "cxcywh"
+                (Deformable DETR) or "xyxy" (mmdetection's L1Loss in AdaMixer / StageInteractor).
+            cross_stage_iou_threshold: None (default): each output set's class target is the
+                one-hot of its own matches. A threshold t switches to StageInteractor's cross-stage
+                label assignment (see ``cross_stage_class_targets``): multi-hot class targets from
+                the matches of several stages, kept where this stage's box has IoU >= t with the
+                matched target; the class loss is divided by the mean over workers of
+                max(number of positive targets, own matches) and the box losses by the mean of
+                the own matches, per stage. The output sets are the stages in order
+                (``aux_outputs`` then the final one); ``enc_outputs`` is not supported there.
         """
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
@@ -114,6 +127,13 @@ class SetCriterion(nn.Module):
         self.weight_dict = {name: float(weight_dict[name]) for name in LOSS_NAMES}
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        check_l1_box_format(l1_box_format)
+        self.l1_box_format = l1_box_format
+        if cross_stage_iou_threshold is not None and not 0.0 < cross_stage_iou_threshold <= 1.0:
+            raise ValueError(
+                f"cross_stage_iou_threshold must be None or in (0, 1], got {cross_stage_iou_threshold!r}"
+            )
+        self.cross_stage_iou_threshold = cross_stage_iou_threshold
 
     def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """
@@ -130,6 +150,8 @@ class SetCriterion(nn.Module):
         """
         pred_logits = outputs["pred_logits"]
         check_targets(targets, pred_logits.shape[0], self.num_classes)
+        if self.cross_stage_iou_threshold is not None:
+            return self._cross_stage_losses(outputs, targets)
         num_boxes = compute_num_boxes(targets, pred_logits.device)
 
         losses = self._losses_of(outputs, targets, num_boxes, "", "outputs", self.num_classes)
@@ -220,7 +242,11 @@ class SetCriterion(nn.Module):
         target_boxes = target_boxes.to(src_boxes.dtype)
         unweighted = {
             "loss_class": loss_class,
-            "loss_bbox": l1_box_loss(src_boxes, target_boxes, num_boxes),
+            "loss_bbox": l1_box_loss(
+                boxes_in_l1_format(src_boxes, self.l1_box_format),
+                boxes_in_l1_format(target_boxes, self.l1_box_format),
+                num_boxes,
+            ),
             "loss_giou": giou_box_loss(src_boxes, target_boxes, num_boxes),
         }
         return {
@@ -231,5 +257,150 @@ class SetCriterion(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, weight_dict={self.weight_dict}, "
-            f"focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}"
+            f"focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}, "
+            f"l1_box_format={self.l1_box_format}, "
+            f"cross_stage_iou_threshold={self.cross_stage_iou_threshold}"
         )
+
+    def _cross_stage_losses(
+        self, outputs: Dict, targets: List[Dict[str, Tensor]]
+    ) -> Dict[str, Tensor]:
+        """StageInteractor's losses: every stage matched on its own, then per stage the focal loss
+        on the cross-stage multi-hot targets and the box losses on the stage's own matches."""
+        if "enc_outputs" in outputs:
+            raise ValueError("cross-stage label assignment does not support outputs['enc_outputs']")
+        stage_outputs = list(outputs.get("aux_outputs", [])) + [outputs]
+        names = [f"outputs['aux_outputs'][{i}]" for i in range(len(stage_outputs) - 1)] + [
+            "outputs"
+        ]
+        suffixes = [f"_{i}" for i in range(len(stage_outputs) - 1)] + [""]
+        for stage_output, name in zip(stage_outputs, names):
+            for key in ("pred_logits", "pred_boxes"):
+                if key not in stage_output:
+                    raise ValueError(f"{name} has no '{key}' entry")
+            if stage_output["pred_logits"].shape != outputs["pred_logits"].shape:
+                raise ValueError(
+                    f"{name}['pred_logits'] must have shape {tuple(outputs['pred_logits'].shape)} "
+                    f"like every stage, got {tuple(stage_output['pred_logits'].shape)}"
+                )
+        device = outputs["pred_logits"].device
+        stage_indices = [
+            [
+                (query_idx.to(device), target_idx.to(device))
+                for query_idx, target_idx in self.matcher(o, targets)
+            ]
+            for o in stage_outputs
+        ]
+        class_targets = [
+            cross_stage_class_targets(
+                stage,
+                o["pred_boxes"],
+                targets,
+                stage_indices,
+                self.num_classes,
+                self.cross_stage_iou_threshold,
+            )
+            for stage, o in enumerate(stage_outputs)
+        ]
+        own_matches = [
+            float(sum(len(query_idx) for query_idx, _ in indices)) for indices in stage_indices
+        ]
+        # One all_reduce for every normaliser: [class normalisers of all stages, box normalisers].
+        local = torch.tensor(
+            [max(float(t.sum()), own) for t, own in zip(class_targets, own_matches)] + own_matches,
+            dtype=torch.float64,
+            device=device,
+        )
+        normalisers = _mean_over_workers(local).clamp(min=1).tolist()
+        num_stages = len(stage_outputs)
+
+        losses = {}
+        for stage, (stage_output, indices) in enumerate(zip(stage_outputs, stage_indices)):
+            pred_logits, pred_boxes = stage_output["pred_logits"], stage_output["pred_boxes"]
+            class_normaliser, box_normaliser = normalisers[stage], normalisers[num_stages + stage]
+            # x Q: a sum over queries, as in _losses_of.
+            loss_class = pred_logits.shape[1] * sigmoid_focal_loss(
+                pred_logits,
+                class_targets[stage],
+                class_normaliser,
+                self.focal_alpha,
+                self.focal_gamma,
+            )
+            batch_idx, query_idx = _matched_positions(indices)
+            src_boxes = pred_boxes[batch_idx, query_idx]
+            target_boxes = torch.cat(
+                [target["boxes"][target_idx] for target, (_, target_idx) in zip(targets, indices)]
+            ).to(src_boxes.dtype)
+            unweighted = {
+                "loss_class": loss_class,
+                "loss_bbox": l1_box_loss(
+                    boxes_in_l1_format(src_boxes, self.l1_box_format),
+                    boxes_in_l1_format(target_boxes, self.l1_box_format),
+                    box_normaliser,
+                ),
+                "loss_giou": giou_box_loss(src_boxes, target_boxes, box_normaliser),
+            }
+            losses.update(
+                {
+                    name + suffixes[stage]: self.weight_dict[name] * loss
+                    for name, loss in unweighted.items()
+                }
+            )
+        return losses
+
+
+def _mean_over_workers(values: Tensor) -> Tensor:
+    """The element-wise mean of ``values`` over the workers (all_reduce when distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+        return values / dist.get_world_size()
+    return values
+
+
+@torch.no_grad()
+def cross_stage_class_targets(
+    stage: int,
+    stage_boxes: Tensor,
+    targets: Sequence[Dict[str, Tensor]],
+    stage_indices: Sequence[Sequence[Tuple[Tensor, Tensor]]],
+    num_classes: int,
+    iou_threshold: float = 0.5,
+) -> Tensor:
+    """
+    StageInteractor's cross-stage label assignment (Teng et al., ICCV 2023, Sec. 3.2; supplementary
+    Sec. J: scope [i - 1, L], threshold 0.5), as the authors' code computes it: for stage i,
+
+        T[b, q, c] = 1  iff  for some stage s in {i, i - 1, i + 1, ..., S - 1} (i - 1 only if i >= 1),
+                             query q of image b was matched at stage s to a target g of class c
+                             and IoU(stage i's box of q, g) >= iou_threshold.
+
+    The stage's own matches pass the same test (an own match below the threshold is a negative).
+
+    Args:
+        stage: i.
+        stage_boxes: (B, Q, 4) normalised cxcywh boxes of stage i.
+        targets: B dicts with "labels" (n,) and "boxes" (n, 4) normalised cxcywh.
+        stage_indices: per stage, per image, (query_idx, target_idx) of its one-to-one matching.
+        num_classes: C.
+        iou_threshold: the IoU a target's box must reach with stage i's box.
+
+    Returns:
+        (B, Q, C) float 0/1 targets in ``stage_boxes``' dtype.
+    """
+    num_stages = len(stage_indices)
+    candidates = [stage] + ([stage - 1] if stage >= 1 else []) + list(range(stage + 1, num_stages))
+    batch_size, num_queries = stage_boxes.shape[:2]
+    class_targets = stage_boxes.new_zeros(batch_size, num_queries, num_classes)
+    for image_index, target in enumerate(targets):
+        if target["labels"].numel() == 0:
+            continue
+        iou, _ = box_iou(
+            box_cxcywh_to_xyxy(stage_boxes[image_index].float()),
+            box_cxcywh_to_xyxy(target["boxes"].float()),
+        )
+        for candidate in candidates:
+            query_idx, target_idx = stage_indices[candidate][image_index]
+            keep = iou[query_idx, target_idx] >= iou_threshold
+            class_targets[image_index, query_idx[keep], target["labels"][target_idx[keep]]] = 1
+    return class_targets

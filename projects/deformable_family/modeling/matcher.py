@@ -20,6 +20,7 @@ __all__ = [
     "l1_box_cost",
     "giou_box_cost",
     "check_targets",
+    "boxes_in_l1_format",
 ]
 
 # Added inside the logs of the focal class cost so that p = 0 or p = 1 gives a large finite cost,
@@ -27,6 +28,20 @@ __all__ = [
 _LOG_EPS = 1e-8
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+# Box coordinates the L1 cost and loss compare: Deformable DETR's normalised cxcywh, or the
+# normalised xyxy of mmdetection's BBoxL1Cost / L1Loss (AdaMixer, StageInteractor).
+L1_BOX_FORMATS = ("cxcywh", "xyxy")
+
+
+def boxes_in_l1_format(boxes: Tensor, l1_box_format: str) -> Tensor:
+    """(..., 4) normalised cxcywh -> the same boxes in ``l1_box_format`` ("cxcywh" or "xyxy")."""
+    return boxes if l1_box_format == "cxcywh" else box_cxcywh_to_xyxy(boxes)
+
+
+def check_l1_box_format(l1_box_format: str) -> None:
+    if l1_box_format not in L1_BOX_FORMATS:
+        raise ValueError(f"l1_box_format must be one of {L1_BOX_FORMATS}, got {l1_box_format!r}")
 
 
 def check_targets(targets: Sequence[Dict[str, Tensor]], batch_size: int, num_classes: int) -> None:
@@ -146,13 +161,17 @@ class HungarianMatcher(nn.Module):
         cost_giou: float = 2.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        l1_box_format: str = "cxcywh",
     ):
         """
         Args:
             cost_class: weight of the focal classification cost.
-            cost_bbox: weight of the L1 distance between normalised cxcywh boxes.
+            cost_bbox: weight of the L1 distance between normalised boxes.
             cost_giou: weight of the negative GIoU.
             focal_alpha, focal_gamma: parameters of the focal classification cost.
+            l1_box_format: coordinates of the L1 distance: "cxcywh" (Deformable DETR) or "xyxy"
+                (mmdetection's BBoxL1Cost, used by AdaMixer and StageInteractor), both normalised
+                by the image size.
         """
         super().__init__()
         weights = {"cost_class": cost_class, "cost_bbox": cost_bbox, "cost_giou": cost_giou}
@@ -169,6 +188,8 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        check_l1_box_format(l1_box_format)
+        self.l1_box_format = l1_box_format
 
     def class_cost(self, logits: Tensor, target_labels: Tensor) -> Tensor:
         """(Q, C) logits, (n,) labels -> (Q, n) classification cost; override for another cost."""
@@ -192,7 +213,11 @@ class HungarianMatcher(nn.Module):
         logits, pred_boxes, target_boxes = logits.float(), pred_boxes.float(), target_boxes.float()
         return (
             self.cost_class * self.class_cost(logits, target_labels)
-            + self.cost_bbox * l1_box_cost(pred_boxes, target_boxes)
+            + self.cost_bbox
+            * l1_box_cost(
+                boxes_in_l1_format(pred_boxes, self.l1_box_format),
+                boxes_in_l1_format(target_boxes, self.l1_box_format),
+            )
             + self.cost_giou * giou_box_cost(pred_boxes, target_boxes)
         )
 
@@ -271,5 +296,5 @@ class HungarianMatcher(nn.Module):
         return (
             f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, "
             f"cost_giou={self.cost_giou}, focal_alpha={self.focal_alpha}, "
-            f"focal_gamma={self.focal_gamma}"
+            f"focal_gamma={self.focal_gamma}, l1_box_format={self.l1_box_format}"
         )
