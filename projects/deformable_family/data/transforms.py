@@ -1,6 +1,7 @@
 """Augmentations the DETR recipe needs and detectron2 does not provide."""
+import sys
 from collections import abc
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from detectron2.data import transforms as T
 
@@ -67,6 +68,7 @@ def detr_train_augmentations(
     crop_pre_resize_sizes: Sequence[int],
     crop_size: Sequence[int],
     crop_prob: float = 0.5,
+    crop_pre_resize_max_size: Optional[int] = None,
 ) -> list:
     """The DETR training augmentation, one function for every dataset's image scale.
 
@@ -74,10 +76,13 @@ def detr_train_augmentations(
     ``multi_scale_sizes`` (longest edge at most ``max_size``), otherwise a resize to one of
     ``crop_pre_resize_sizes``, a random crop with each side in ``crop_size = (min, max)`` pixels and the
     same multi-scale resize. COCO: (480, 512, ..., 800), 1333, (400, 500, 600), (384, 600).
+    ``crop_pre_resize_max_size`` caps the longest edge of the resize before the crop (None: no cap,
+    as DETR; mmdetection's AdaMixer / StageInteractor recipes cap it at 1333).
     """
     multi_scale = T.ResizeShortestEdge(list(multi_scale_sizes), max_size=max_size, sample_style="choice")
+    pre_resize_max = sys.maxsize if crop_pre_resize_max_size is None else crop_pre_resize_max_size
     crop_branch = [
-        T.ResizeShortestEdge(list(crop_pre_resize_sizes), sample_style="choice"),
+        T.ResizeShortestEdge(list(crop_pre_resize_sizes), max_size=pre_resize_max, sample_style="choice"),
         T.RandomCrop("absolute_range", tuple(crop_size)),
         T.ResizeShortestEdge(list(multi_scale_sizes), max_size=max_size, sample_style="choice"),
     ]
