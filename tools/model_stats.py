@@ -106,8 +106,14 @@ def main(argv=None) -> int:
         total_flops = analysis.total()
     print(f"GFLOPs at {args.height}x{args.width}: {total_flops / 1e9:.1f}")
     by_module = analysis.by_module()
-    for name in ("model.backbone", "model.transformer.encoder", "model.transformer.decoder"):
-        print(f"  {name[len('model.'):]}: {by_module.get(name, 0) / 1e9:.1f}")
+    for name in (
+        "model.backbone",
+        "model.transformer.encoder",
+        "model.transformer.decoder",
+        "model.stages",
+    ):
+        if name in by_module:  # the transformer's parts (Deformable DETR) or the stages (AdaMixer)
+            print(f"  {name[len('model.'):]}: {by_module[name] / 1e9:.1f}")
     by_operator = Counter(analysis.by_operator())
     print(
         "  by operator: "
