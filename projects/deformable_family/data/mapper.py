@@ -52,6 +52,7 @@ class DetrDatasetMapper:
         augmentations: Sequence[T.Augmentation],
         image_format: str = "RGB",
         keep_annotations_at_test: bool = False,
+        extra_annotation_fields: Sequence[str] = (),
     ):
         """
         Args:
@@ -59,6 +60,9 @@ class DetrDatasetMapper:
             augmentations: applied in order to image and boxes; build the DETR recipe in the config.
             image_format: format given to detectron2's ``read_image`` ("RGB" for the DETR family).
             keep_annotations_at_test: also map annotations when ``is_train`` is False.
+            extra_annotation_fields: per-annotation fields carried unchanged through the
+                augmentation into ``instances.gt_<field>`` (a tensor with one row per kept box),
+                e.g. ``["emotions"]`` for DSCT's (n, 26) labels.
         """
         if not isinstance(augmentations, abc.Sequence) or isinstance(augmentations, str):
             raise TypeError(f"DetrDatasetMapper: augmentations must be a list, got {type(augmentations).__name__}")
@@ -66,6 +70,9 @@ class DetrDatasetMapper:
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
         self.keep_annotations = self.is_train or keep_annotations_at_test
+        if isinstance(extra_annotation_fields, str):
+            raise TypeError("DetrDatasetMapper: extra_annotation_fields must be a list of names, not a string")
+        self.extra_annotation_fields = list(extra_annotation_fields)
         logger.info(f"DetrDatasetMapper(is_train={self.is_train}) augmentations: {self.augmentations}")
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -89,13 +96,27 @@ class DetrDatasetMapper:
             for obj in annotations
             if obj.get("iscrowd", 0) == 0
         ]
-        dataset_dict["instances"] = _annotations_to_instances(annotations, image_shape)
+        dataset_dict["instances"] = _annotations_to_instances(
+            annotations, image_shape, self.extra_annotation_fields, dataset_dict["file_name"]
+        )
         return dataset_dict
 
 
-def _annotations_to_instances(annotations: List[Dict[str, Any]], image_shape) -> Instances:
-    """Boxes (already transformed and clipped by detectron2) to ``Instances``, dropping empty boxes."""
+def _annotations_to_instances(
+    annotations: List[Dict[str, Any]],
+    image_shape,
+    extra_fields: Sequence[str] = (),
+    file_name: str = "",
+) -> Instances:
+    """Boxes (already transformed and clipped by detectron2) to ``Instances``, dropping empty boxes
+    (and the rows of ``extra_fields``, stored as ``gt_<field>``, with them)."""
     instances = utils.annotations_to_instances(annotations, image_shape)
+    for field in extra_fields:
+        missing = [index for index, obj in enumerate(annotations) if field not in obj]
+        if missing:
+            raise ValueError(f"DetrDatasetMapper: annotation {missing[0]} of {file_name} has no '{field}' field")
+        # With no annotation the tensor is empty, of shape (0,): its width is unknown here.
+        instances.set(f"gt_{field}", torch.as_tensor([obj[field] for obj in annotations]))
     # annotations_to_instances keeps zero-area boxes (fully cropped out); remove them so every
     # target has a valid normalised cxcywh box.
     return utils.filter_empty_instances(instances, by_box=True, by_mask=False)
