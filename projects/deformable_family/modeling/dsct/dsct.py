@@ -189,6 +189,8 @@ class DSCT(DeformableDETR):
             if not instances.has("gt_emotions"):
                 raise ValueError(f"batched_inputs[{index}]['instances'] has no gt_emotions")
             emotions = instances.gt_emotions.to(self.device)
+            if emotions.numel() == 0:  # an image without persons
+                emotions = emotions.reshape(0, self.num_emotions)
             if emotions.dim() != 2 or emotions.shape[1] != self.num_emotions:
                 raise ValueError(
                     f"batched_inputs[{index}]['instances'].gt_emotions must have shape "
