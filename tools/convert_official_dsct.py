@@ -38,22 +38,31 @@ def structure_overrides(variant: DSCTVariant, cfg) -> List[str]:
     if variant.num_context_queries != cfg.model.num_context_queries:
         overrides.append(f"model.num_context_queries={variant.num_context_queries}")
     ssra = cfg.model.transformer.decoder.post_cross_attn
-    for field, value in (("num_spatial", variant.num_spatial), ("num_semantic", variant.num_semantic)):
+    for field, value in (
+        ("num_spatial", variant.num_spatial),
+        ("num_semantic", variant.num_semantic),
+    ):
         if value is not None and value != ssra[field]:
             overrides.append(f"model.transformer.decoder.post_cross_attn.{field}={value}")
     return overrides
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("input", help="the authors' DSCT checkpoint (.pth)")
     parser.add_argument("output", help="where to write {'model': state_dict}")
-    parser.add_argument("--config-file", default=None, help="config to check against (default: the dataset's)")
+    parser.add_argument(
+        "--config-file", default=None, help="config to check against (default: the dataset's)"
+    )
     args = parser.parse_args(argv)
 
     checkpoint = load_official_checkpoint(args.input)
     converted, variant = convert_official_dsct_state_dict(checkpoint)
-    config_file = args.config_file or os.path.normpath(os.path.join(CONFIG_DIR, dsct_config_name_for(variant)))
+    config_file = args.config_file or os.path.normpath(
+        os.path.join(CONFIG_DIR, dsct_config_name_for(variant))
+    )
     cfg = LazyConfig.load(config_file)
     overrides = structure_overrides(variant, cfg)
     cfg = LazyConfig.apply_overrides(cfg, overrides)

@@ -21,12 +21,16 @@ from ..common.train import train
 dataloader.train.dataset = L(load_dataset_dicts)(names="emotic_synthetic_train", filter_empty=False)
 dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),
-    L(T.ResizeShortestEdge)(short_edge_length=[96, 104, 112, 120, 128, 136], max_size=213, sample_style="choice"),
+    L(T.ResizeShortestEdge)(
+        short_edge_length=[96, 104, 112, 120, 128, 136], max_size=213, sample_style="choice"
+    ),
 ]
 dataloader.train.total_batch_size = 4
 dataloader.train.num_workers = 1
 dataloader.test.dataset = L(load_dataset_dicts)(names="emotic_synthetic_val", filter_empty=False)
-dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=128, max_size=213)]
+dataloader.test.mapper.augmentations = [
+    L(T.ResizeShortestEdge)(short_edge_length=128, max_size=213)
+]
 dataloader.test.num_workers = 1
 
 # As the shapes quickstart: a ResNet-18 trained from scratch (trainable BN, nothing frozen, no res5),

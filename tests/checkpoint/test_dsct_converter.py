@@ -1,4 +1,5 @@
 """DSCT converter (authors' key names -> ours) and initialisation from a COCO Deformable DETR."""
+
 import argparse
 import datetime
 import logging
@@ -25,12 +26,21 @@ from test_deformable_detr_converter import official_state_dict  # noqa: E402
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import convert_official_dsct as convert_tool  # noqa: E402
 
-TINY = dict(depth=18, d_model=64, d_ffn=128, n_heads=4, n_points=2, num_encoder_layers=2, num_decoder_layers=2)
+TINY = dict(
+    depth=18,
+    d_model=64,
+    d_ffn=128,
+    n_heads=4,
+    n_points=2,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+)
 
 
 def official_dsct_checkpoint(num_logits=27, num_subject_queries=4, num_context_queries=10):
     """The authors' DSCT layout: a plain Deformable DETR's keys, their detection heads replaced by
-    class_embed_dsct / bbox_embed_dsct (one module repeated per decoder layer) and query_embed_dsct."""
+    class_embed_dsct / bbox_embed_dsct (one module repeated per decoder layer) and query_embed_dsct.
+    """
     state = official_state_dict("multi_scale", num_queries=num_context_queries, **TINY)["model"]
     for key in [k for k in state if k.startswith(("class_embed.", "bbox_embed."))]:
         del state[key]
@@ -47,9 +57,17 @@ def official_dsct_checkpoint(num_logits=27, num_subject_queries=4, num_context_q
     }
     for layer in range(TINY["num_decoder_layers"]):
         for key, value in head.items():
-            state[key.replace(".0.", f".{layer}.", 1)] = value  # the same tensor, as nn.ModuleList([h] * 6)
+            state[key.replace(".0.", f".{layer}.", 1)] = (
+                value  # the same tensor, as nn.ModuleList([h] * 6)
+            )
     state["query_embed_dsct.weight"] = torch.randn(num_subject_queries, 2 * d_model)
-    args = argparse.Namespace(dec_n_sp=5, dec_n_sm=3, num_queries=num_subject_queries, lr=2e-4, lr_backbone_names=["backbone.0"])
+    args = argparse.Namespace(
+        dec_n_sp=5,
+        dec_n_sm=3,
+        num_queries=num_subject_queries,
+        lr=2e-4,
+        lr_backbone_names=["backbone.0"],
+    )
     return {
         "model": state,
         "optimizer": {"state": {}, "param_groups": [{"lr": 2e-4, "params": [0, 1]}]},
@@ -90,24 +108,37 @@ def test_converts_the_authors_keys_and_loads_strictly():
     model = instantiate(tiny_dsct_config().model)
     check_fits_model(converted, model)
     model.load_state_dict(converted, strict=True)
-    torch.testing.assert_close(model.subject_query_embed.weight, official["query_embed_dsct.weight"])
+    torch.testing.assert_close(
+        model.subject_query_embed.weight, official["query_embed_dsct.weight"]
+    )
     torch.testing.assert_close(model.query_embed.weight, official["query_embed.weight"])
     torch.testing.assert_close(model.subject_class_embed.bias, official["class_embed_dsct.1.bias"])
-    torch.testing.assert_close(model.subject_bbox_embed.layers[2].weight, official["bbox_embed_dsct.0.layers.2.weight"])
     torch.testing.assert_close(
-        model.transformer.decoder.layers[1].self_attn_norm.weight, official["transformer.decoder.layers.1.norm2.weight"]
+        model.subject_bbox_embed.layers[2].weight, official["bbox_embed_dsct.0.layers.2.weight"]
     )
-    torch.testing.assert_close(model.backbone.body.stem.conv1.weight, official["backbone.0.body.conv1.weight"])
+    torch.testing.assert_close(
+        model.transformer.decoder.layers[1].self_attn_norm.weight,
+        official["transformer.decoder.layers.1.norm2.weight"],
+    )
+    torch.testing.assert_close(
+        model.backbone.body.stem.conv1.weight, official["backbone.0.body.conv1.weight"]
+    )
     caer = official_dsct_checkpoint(num_logits=8, num_subject_queries=9)
     caer_converted, caer_variant = convert_official_dsct_state_dict(caer)
-    assert (caer_variant.dataset, caer_variant.num_emotions, caer_variant.num_subject_queries) == ("caer_s", 7, 9)
+    assert (caer_variant.dataset, caer_variant.num_emotions, caer_variant.num_subject_queries) == (
+        "caer_s",
+        7,
+        9,
+    )
     instantiate(tiny_dsct_config(caer=True).model).load_state_dict(caer_converted, strict=True)
 
 
 def test_refuses_checkpoints_that_do_not_fit():
     checkpoint = official_dsct_checkpoint()
     del checkpoint["model"]["query_embed_dsct.weight"]
-    with pytest.raises(ValueError, match=r"not a DSCT checkpoint: missing \['query_embed_dsct.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"not a DSCT checkpoint: missing \['query_embed_dsct.weight'\]"
+    ):
         convert_official_dsct_state_dict(checkpoint)
     checkpoint = official_dsct_checkpoint()
     checkpoint["model"]["transformer.decoder.layers.0.extra.weight"] = torch.zeros(1)
@@ -115,7 +146,9 @@ def test_refuses_checkpoints_that_do_not_fit():
         convert_official_dsct_state_dict(checkpoint)
     checkpoint = official_dsct_checkpoint()
     checkpoint["model"]["class_embed_dsct.1.bias"] = torch.zeros(27)
-    with pytest.raises(ValueError, match="class_embed_dsct.1.bias differs from class_embed_dsct.0.bias"):
+    with pytest.raises(
+        ValueError, match="class_embed_dsct.1.bias differs from class_embed_dsct.0.bias"
+    ):
         convert_official_dsct_state_dict(checkpoint)
     checkpoint = official_dsct_checkpoint(num_logits=91)
     with pytest.raises(ValueError, match="class_embed_dsct has 91 rows"):
@@ -124,7 +157,10 @@ def test_refuses_checkpoints_that_do_not_fit():
     converted, _ = convert_official_dsct_state_dict(official_dsct_checkpoint(num_subject_queries=5))
     model = instantiate(tiny_dsct_config().model)
     del converted["subject_class_embed.bias"]
-    with pytest.raises(ValueError, match=r"missing 1 \['subject_class_embed.bias'\].*subject_query_embed.weight: checkpoint \(5, 128\) vs model \(4, 128\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing 1 \['subject_class_embed.bias'\].*subject_query_embed.weight: checkpoint \(5, 128\) vs model \(4, 128\)",
+    ):
         check_fits_model(converted, model)
 
 
@@ -145,7 +181,8 @@ def test_tool_end_to_end(tmp_path, capsys):
     torch.save(official_dsct_checkpoint(num_subject_queries=6), path)
     config = tmp_path / "tiny_dsct.py"
     config.write_text(
-        "import sys\nsys.path.insert(0, %r)\nfrom test_dsct_converter import tiny_dsct_config\nmodel = tiny_dsct_config().model\n" % HERE
+        "import sys\nsys.path.insert(0, %r)\nfrom test_dsct_converter import tiny_dsct_config\nmodel = tiny_dsct_config().model\n"
+        % HERE
     )
     assert convert_tool.main([path, out, "--config-file", str(config)]) == 0
     printed = capsys.readouterr().out
@@ -158,7 +195,9 @@ def test_tool_end_to_end(tmp_path, capsys):
 def test_coco_initialisation_loads_all_but_the_subject_queries_and_heads(tmp_path, caplog):
     # Full size, on the meta device: DSCT's entries that a converted COCO Deformable DETR (same names,
     # same shapes) provides. The reference: 513 loaded, only the subject queries and heads are fresh.
-    detr_cfg = LazyConfig.load(os.path.join(REPO, "configs", "deformable_detr", "deformable_detr_r50_50ep.py"))
+    detr_cfg = LazyConfig.load(
+        os.path.join(REPO, "configs", "deformable_detr", "deformable_detr_r50_50ep.py")
+    )
     dsct_cfg = LazyConfig.load(os.path.join(REPO, "configs", "dsct", "dsct_r50_emotic_50ep.py"))
     with torch.device("meta"):
         coco = instantiate(detr_cfg.model).state_dict()
@@ -167,12 +206,19 @@ def test_coco_initialisation_loads_all_but_the_subject_queries_and_heads(tmp_pat
     fresh = sorted(set(dsct) - set(loaded))
     assert len(dsct) == 522 and len(loaded) == 513
     assert fresh == [
-        "subject_bbox_embed.layers.0.bias", "subject_bbox_embed.layers.0.weight",
-        "subject_bbox_embed.layers.1.bias", "subject_bbox_embed.layers.1.weight",
-        "subject_bbox_embed.layers.2.bias", "subject_bbox_embed.layers.2.weight",
-        "subject_class_embed.bias", "subject_class_embed.weight", "subject_query_embed.weight",
+        "subject_bbox_embed.layers.0.bias",
+        "subject_bbox_embed.layers.0.weight",
+        "subject_bbox_embed.layers.1.bias",
+        "subject_bbox_embed.layers.1.weight",
+        "subject_bbox_embed.layers.2.bias",
+        "subject_bbox_embed.layers.2.weight",
+        "subject_class_embed.bias",
+        "subject_class_embed.weight",
+        "subject_query_embed.weight",
     ]
-    assert sorted(set(coco) - set(dsct)) == sorted(k for k in coco if k.startswith(("class_embed.", "bbox_embed.")))
+    assert sorted(set(coco) - set(dsct)) == sorted(
+        k for k in coco if k.startswith(("class_embed.", "bbox_embed."))
+    )
     # Tiny, real tensors, through detectron2's checkpointer as train.init_checkpoint is loaded.
     detr_cfg.model.backbone.depth = 18
     detr_cfg.model.transformer.d_model = 64
@@ -188,8 +234,16 @@ def test_coco_initialisation_loads_all_but_the_subject_queries_and_heads(tmp_pat
     with caplog.at_level(logging.INFO, logger="deformable_family.modeling.dsct.dsct"):
         DetectionCheckpointer(model).load(path)
     torch.testing.assert_close(model.query_embed.weight, detr.query_embed.weight)
-    torch.testing.assert_close(model.transformer.decoder.layers[1].linear2.weight, detr.transformer.decoder.layers[1].linear2.weight)
-    torch.testing.assert_close(model.backbone.input_proj[3][0].weight, detr.backbone.input_proj[3][0].weight)
+    torch.testing.assert_close(
+        model.transformer.decoder.layers[1].linear2.weight,
+        detr.transformer.decoder.layers[1].linear2.weight,
+    )
+    torch.testing.assert_close(
+        model.backbone.input_proj[3][0].weight, detr.backbone.input_proj[3][0].weight
+    )
     torch.testing.assert_close(model.subject_bbox_embed.layers[0].weight, before)
-    assert "starting fresh: subject_bbox_embed, subject_class_embed, subject_query_embed" in caplog.text
+    assert (
+        "starting fresh: subject_bbox_embed, subject_class_embed, subject_query_embed"
+        in caplog.text
+    )
     assert "ignored" in caplog.text and "(class_embed, bbox_embed)" in caplog.text

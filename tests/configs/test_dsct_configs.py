@@ -1,4 +1,5 @@
 """DSCT configs: the authors' recipes, the evaluators, and the quickstart."""
+
 import os
 
 import torch
@@ -28,7 +29,11 @@ def test_emotic_recipe():
     assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (2.0, 5.0, 2.0)
     assert matcher.multi_label and matcher.num_class_logits == 26 and model.criterion.multi_label
     assert cfg.optimizer.lr == 2e-4 and cfg.optimizer.weight_decay == 1e-4
-    assert cfg.optimizer.params.lr_multipliers == {"backbone.body.": 0.1, "sampling_offsets": 0.1, "reference_points": 0.1}
+    assert cfg.optimizer.params.lr_multipliers == {
+        "backbone.body.": 0.1,
+        "sampling_offsets": 0.1,
+        "reference_points": 0.1,
+    }
     assert cfg.train.clip_grad.max_norm == 0.1 and cfg.dataloader.train.total_batch_size == 4
     assert cfg.dataloader.train.mapper.extra_annotation_fields == ["emotions"]
     assert cfg.dataloader.test.dataset.names == "emotic_test"

@@ -1,5 +1,6 @@
 """EMOTIC / CAER-S registration and loading, the emotions through the DETR mapper, and the synthetic
 emotion dataset."""
+
 import json
 import logging
 import os
@@ -53,7 +54,12 @@ def test_load_emotic_json_sorts_images_decodes_labels_and_counts_drops(tmp_path,
         {"id": 0, "image_id": 2, "bbox": [10, 10, 20, 30], "category_id": (1 << 25) | 1},
         {"id": 1, "image_id": 2, "bbox": [10, 10, 0, 30], "category_id": 4},  # empty box
         {"id": 2, "image_id": 1, "bbox": [70, 10, 5, 5], "category_id": 4},  # outside the image
-        {"id": 3, "image_id": 1, "bbox": [50, 40, 20, 20], "category_id": 2},  # partly outside: kept
+        {
+            "id": 3,
+            "image_id": 1,
+            "bbox": [50, 40, 20, 20],
+            "category_id": 2,
+        },  # partly outside: kept
     ]
     json_file = _write_emotic(tmp_path, annotations)
     with caplog.at_level(logging.INFO, logger="deformable_family.data.emotic"):
@@ -71,10 +77,22 @@ def test_load_emotic_json_sorts_images_decodes_labels_and_counts_drops(tmp_path,
 @pytest.mark.parametrize(
     "annotation, message",
     [
-        ({"id": 7, "image_id": 1, "bbox": [1, 1, 5, 5]}, r"annotations\[0\] \(id 7\): missing field 'category_id'"),
-        ({"id": 7, "image_id": 1, "bbox": [1, 1, 5, 5], "category_id": 2**26}, r"annotations\[0\] \(id 7\): category_id 67108864 is outside"),
-        ({"id": 7, "image_id": 9, "bbox": [1, 1, 5, 5], "category_id": 1}, r"annotations\[0\] \(id 7\): image_id 9 is not in 'images'"),
-        ({"id": 7, "image_id": 1, "bbox": [1, 1, 5], "category_id": 1}, r"annotations\[0\] \(id 7\): bbox must be"),
+        (
+            {"id": 7, "image_id": 1, "bbox": [1, 1, 5, 5]},
+            r"annotations\[0\] \(id 7\): missing field 'category_id'",
+        ),
+        (
+            {"id": 7, "image_id": 1, "bbox": [1, 1, 5, 5], "category_id": 2**26},
+            r"annotations\[0\] \(id 7\): category_id 67108864 is outside",
+        ),
+        (
+            {"id": 7, "image_id": 9, "bbox": [1, 1, 5, 5], "category_id": 1},
+            r"annotations\[0\] \(id 7\): image_id 9 is not in 'images'",
+        ),
+        (
+            {"id": 7, "image_id": 1, "bbox": [1, 1, 5], "category_id": 1},
+            r"annotations\[0\] \(id 7\): bbox must be",
+        ),
     ],
 )
 def test_bad_emotic_entries_name_the_file_and_entry(tmp_path, annotation, message):
@@ -105,7 +123,10 @@ def test_caer_s_one_hot_and_bad_class(tmp_path):
     assert record["annotations"][0]["emotions"] == [0, 0, 0, 0, 0, 1, 0]
     bad = [{"id": 4, "image_id": 1, "bbox": [1, 2, 10, 10], "category_id": 7}]
     path.write_text(json.dumps({"images": images, "annotations": bad, "categories": []}))
-    with pytest.raises(ValueError, match=r"caer_test.json: annotations\[0\] \(id 4\): category_id 7 is outside \[0, 7\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"caer_test.json: annotations\[0\] \(id 4\): category_id 7 is outside \[0, 7\)",
+    ):
         load_caer_json(str(path), "CAER_S/test")
 
 
@@ -113,12 +134,16 @@ def test_builtin_names_live_under_detectron2_datasets():
     root = os.environ.get("DETECTRON2_DATASETS", "datasets")
     for split in ("train", "val", "test"):
         meta = MetadataCatalog.get(f"emotic_{split}")
-        assert meta.json_file == os.path.join(root, "emotic", "annotations", f"emotic_{split}_bi.json")
+        assert meta.json_file == os.path.join(
+            root, "emotic", "annotations", f"emotic_{split}_bi.json"
+        )
         assert meta.image_root == os.path.join(root, "emotic", "images")
         assert meta.emotion_classes == EMOTIC_EMOTIONS
         caer = MetadataCatalog.get(f"caer_s_{split}")
         assert caer.json_file == os.path.join(root, "CAER_S", "annotations", f"caer_{split}.json")
-        assert caer.image_root == os.path.join(root, "CAER_S", "test" if split == "test" else "train")
+        assert caer.image_root == os.path.join(
+            root, "CAER_S", "test" if split == "test" else "train"
+        )
     assert "emotic_synthetic_train" in DatasetCatalog.list()
 
 
@@ -132,7 +157,13 @@ def _mapper_input(tmp_path):
         {"bbox": box, "bbox_mode": 1, "category_id": 0, "emotions": emotion, "iscrowd": 0}
         for box, emotion in zip(boxes, emotions)
     ]
-    return {"file_name": file_name, "height": 40, "width": 60, "image_id": 1, "annotations": annotations}
+    return {
+        "file_name": file_name,
+        "height": 40,
+        "width": 60,
+        "image_id": 1,
+        "annotations": annotations,
+    }
 
 
 def test_mapper_keeps_emotions_with_their_boxes_through_flip_and_crop(tmp_path):
@@ -149,7 +180,9 @@ def test_mapper_keeps_emotions_with_their_boxes_through_flip_and_crop(tmp_path):
     assert boxes == [[30.0, 5.0, 40.0, 15.0], [2.0, 25.0, 12.0, 35.0]]
     assert instances.gt_emotions.tolist() == [[0, 1, 0], [0, 0, 1]]
     # A resize scales the boxes and leaves the emotions untouched.
-    resized = DetrDatasetMapper(True, [T.Resize((80, 120))], extra_annotation_fields=["emotions"])(record)
+    resized = DetrDatasetMapper(True, [T.Resize((80, 120))], extra_annotation_fields=["emotions"])(
+        record
+    )
     assert resized["instances"].gt_emotions.tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
     assert resized["instances"].gt_boxes.tensor[1].tolist() == [40.0, 10.0, 60.0, 30.0]
 
@@ -168,7 +201,9 @@ def test_mapper_errors_name_the_file(tmp_path):
 
 def test_synthetic_labels_follow_their_rules():
     kinds = [kind for kind, _ in EMOTION_RULES.values()]
-    assert kinds.count("appearance") == 11 and kinds.count("scene") == 7 and kinds.count("others") == 8
+    assert (
+        kinds.count("appearance") == 11 and kinds.count("scene") == 7 and kinds.count("others") == 8
+    )
     image, persons = _make_image((0, 1, 3))
     assert image.dtype == np.uint8 and image.ndim == 3
     for person in persons:
@@ -184,7 +219,9 @@ def test_synthetic_dataset_is_written_in_emotic_format(tmp_path):
     from deformable_family.data import generate_synthetic_emotions
 
     root = generate_synthetic_emotions(str(tmp_path / "synthetic"), {"train": 3, "val": 2}, seed=5)
-    dicts = load_emotic_json(os.path.join(root, "annotations", "emotic_val_bi.json"), os.path.join(root, "images"))
+    dicts = load_emotic_json(
+        os.path.join(root, "annotations", "emotic_val_bi.json"), os.path.join(root, "images")
+    )
     assert [d["image_id"] for d in dicts] == [1, 2]
     for record in dicts:
         assert os.path.isfile(record["file_name"])

@@ -1,4 +1,5 @@
 """EmoticEvaluator / CAEREvaluator against hand-computed values (the authors' test.py protocol)."""
+
 import numpy as np
 import pytest
 import torch
@@ -68,10 +69,16 @@ def _outputs(image_id):
 
 def test_matching_ties_to_the_highest_query_and_no_overlap_to_the_last():
     persons = np.array([[0, 0, 9, 9], [2, 2, 11, 11], [50, 50, 55, 55]], dtype=float)
-    assert match_persons_to_queries(persons, np.array(QUERY_BOXES[1], dtype=float)).tolist() == [1, 1, 2]
+    assert match_persons_to_queries(persons, np.array(QUERY_BOXES[1], dtype=float)).tolist() == [
+        1,
+        1,
+        2,
+    ]
     # +1-pixel IoU: person [0, 0, 4, 4] vs a zero-width query [0, 0, 0, 4] is 5/25 = 0.2 and vs
     # [3, 3, 8, 8] 4/57 = 0.07, so query 0; the plain IoU (0 and 1/40) would pick query 1.
-    assert match_persons_to_queries(np.array([[0, 0, 4, 4]]), np.array([[0, 0, 0, 4], [3, 3, 8, 8]])).tolist() == [0]
+    assert match_persons_to_queries(
+        np.array([[0, 0, 4, 4]]), np.array([[0, 0, 0, 4], [3, 3, 8, 8]])
+    ).tolist() == [0]
 
 
 def test_emotic_mAP_by_hand():
@@ -117,17 +124,28 @@ def test_missing_prediction_and_gathering(monkeypatch):
 
 def test_caer_accuracy_by_hand():
     records = [
-        {"image_id": 1, "file_name": "a.png", "annotations": [_person([0, 0, 9, 9], [0, 1, 0]), _person([100, 100, 9, 9], [0, 0, 1])]},
+        {
+            "image_id": 1,
+            "file_name": "a.png",
+            "annotations": [_person([0, 0, 9, 9], [0, 1, 0]), _person([100, 100, 9, 9], [0, 0, 1])],
+        },
         {"image_id": 2, "file_name": "b.png", "annotations": [_person([0, 0, 9, 9], [1, 0, 0])]},
     ]
     _register("caer_eval_by_hand", records, ["x", "y", "z"])
     evaluator = CAEREvaluator("caer_eval_by_hand", distributed=False)
-    for image_id, scores in ((1, [[0.1, 0.8, 0.1], [0.5, 0.3, 0.2], [0.7, 0.2, 0.1]]), (2, [[0.2, 0.5, 0.3], [0.2, 0.2, 0.6], [0.3, 0.3, 0.4]])):
+    for image_id, scores in (
+        (1, [[0.1, 0.8, 0.1], [0.5, 0.3, 0.2], [0.7, 0.2, 0.1]]),
+        (2, [[0.2, 0.5, 0.3], [0.2, 0.2, 0.6], [0.3, 0.3, 0.4]]),
+    ):
         instances = Instances((200, 200))
-        instances.pred_boxes = Boxes(torch.tensor([[0.0, 0, 9, 9], [50, 50, 60, 60], [100, 100, 109, 109]]))
+        instances.pred_boxes = Boxes(
+            torch.tensor([[0.0, 0, 9, 9], [50, 50, 60, 60], [100, 100, 109, 109]])
+        )
         instances.emotion_scores = torch.tensor(scores)
         evaluator.process([{"image_id": image_id}], [{"instances": instances}])
     results = evaluator.evaluate()["caer_s"]
     # Face 1 -> query 0 -> y (right); face 2 -> query 2 -> x (wrong, z); face 3 -> query 0 -> y (wrong, x).
     assert results["accuracy"] == pytest.approx(100 / 3)
-    assert results["accuracy-y"] == pytest.approx(100.0) and results["accuracy-z"] == pytest.approx(0.0)
+    assert results["accuracy-y"] == pytest.approx(100.0) and results["accuracy-z"] == pytest.approx(
+        0.0
+    )

@@ -1,4 +1,5 @@
 """DSCT: SSRA, the decoder hook, parameter counts, training and inference outputs."""
+
 import os
 
 import numpy as np
@@ -78,7 +79,9 @@ def test_ssra_module_updates_only_the_subject_tokens_and_is_off_at_zero():
     torch.manual_seed(0)
     query = torch.randn(2, 7, 8)
     points = torch.rand(2, 7, 3, 2)
-    module = SpatialSemanticRelationalAggregation(num_subject_queries=2, num_spatial=3, num_semantic=2)
+    module = SpatialSemanticRelationalAggregation(
+        num_subject_queries=2, num_spatial=3, num_semantic=2
+    )
     out = module(query, points)
     torch.testing.assert_close(out[:, :5], query[:, :5])
     expected = ssra(query[:, 5:], query[:, :5], points[:, 5:, 0], points[:, :5, 0], 3, 2)
@@ -99,7 +102,9 @@ def test_decoder_hook_runs_between_cross_attention_and_ffn():
             seen["query"], seen["points"] = query, reference_points
             return query * 2.0
 
-    layer = DeformableDecoderLayer(16, 32, 0.0, n_levels=1, n_heads=2, n_points=2, post_cross_attn=Record())
+    layer = DeformableDecoderLayer(
+        16, 32, 0.0, n_levels=1, n_heads=2, n_points=2, post_cross_attn=Record()
+    )
     layer.eval()
     query, pos = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
     points = torch.rand(1, 5, 1, 2)
@@ -189,11 +194,16 @@ def _inputs(emotions, num_emotions):
 
 def test_tiny_dsct_trains_and_returns_one_row_per_subject_query():
     model = tiny_dsct()
-    emotions = [torch.tensor([[1] + [0] * 25, [0, 1] * 13]), torch.tensor([[1] * 26, [0] * 25 + [1]])]
+    emotions = [
+        torch.tensor([[1] + [0] * 25, [0, 1] * 13]),
+        torch.tensor([[1] * 26, [0] * 25 + [1]]),
+    ]
     items = _inputs(emotions, 26)
     losses = model(items)
     assert set(losses) == {
-        f"{name}{suffix}" for name in ("loss_class", "loss_bbox", "loss_giou") for suffix in ("", "_0")
+        f"{name}{suffix}"
+        for name in ("loss_class", "loss_bbox", "loss_giou")
+        for suffix in ("", "_0")
     }
     total = sum(losses.values())
     assert torch.isfinite(total)
@@ -239,7 +249,9 @@ def test_tiny_dsct_caer_s_softmax_scores_and_one_hot_targets():
 
 
 def test_construction_errors_say_what_to_change():
-    with pytest.raises(ValueError, match=r"criterion.num_classes \(27\) must be num_emotions \+ 1 = 8"):
+    with pytest.raises(
+        ValueError, match=r"criterion.num_classes \(27\) must be num_emotions \+ 1 = 8"
+    ):
         tiny_dsct(["model.num_emotions=7"])
     with pytest.raises(ValueError, match="num_subject_queries"):
         tiny_dsct(["model.transformer.decoder.post_cross_attn.num_subject_queries=3"])

@@ -1,4 +1,5 @@
 """Multi-label matching and losses (DSCT) of the shared HungarianMatcher / SetCriterion."""
+
 import math
 
 import pytest
@@ -95,7 +96,10 @@ def test_class_loss_on_the_first_k_logits_leaves_the_rest_untrained():
     assert grad[..., 3].abs().max() == 0
     assert grad[..., :3].abs().max() > 0
     # The same loss as a 3-logit criterion on the first 3 logits.
-    outputs3 = {"pred_logits": outputs["pred_logits"].detach()[..., :3], "pred_boxes": outputs["pred_boxes"]}
+    outputs3 = {
+        "pred_logits": outputs["pred_logits"].detach()[..., :3],
+        "pred_boxes": outputs["pred_boxes"],
+    }
     reference = SetCriterion(3, HungarianMatcher())(outputs3, single)
     assert losses["loss_class"].item() == pytest.approx(reference["loss_class"].item(), rel=1e-6)
 
@@ -104,13 +108,19 @@ def test_multi_label_cost_uses_only_the_first_k_logits():
     outputs, targets = _emotic_like_batch()
     matcher = HungarianMatcher(multi_label=True, num_class_logits=3)
     base = matcher.cost_matrix(
-        outputs["pred_logits"][0], outputs["pred_boxes"][0], targets[0]["labels"],
-        targets[0]["boxes"], targets[0][MULTI_HOT_KEY],
+        outputs["pred_logits"][0],
+        outputs["pred_boxes"][0],
+        targets[0]["labels"],
+        targets[0]["boxes"],
+        targets[0][MULTI_HOT_KEY],
     )
     changed_logits = outputs["pred_logits"][0].detach().clone()
     changed_logits[:, 3] += 10.0  # the subject-ness logit is not part of the class cost
     changed = matcher.cost_matrix(
-        changed_logits, outputs["pred_boxes"][0], targets[0]["labels"], targets[0]["boxes"],
+        changed_logits,
+        outputs["pred_boxes"][0],
+        targets[0]["labels"],
+        targets[0]["boxes"],
         targets[0][MULTI_HOT_KEY],
     )
     torch.testing.assert_close(base, changed)
@@ -118,14 +128,18 @@ def test_multi_label_cost_uses_only_the_first_k_logits():
 
 def test_multi_label_targets_are_validated():
     outputs, targets = _emotic_like_batch()
-    criterion = SetCriterion(4, HungarianMatcher(multi_label=True, num_class_logits=3), multi_label=True)
+    criterion = SetCriterion(
+        4, HungarianMatcher(multi_label=True, num_class_logits=3), multi_label=True
+    )
     missing = [dict(targets[0]), dict(targets[1])]
     del missing[1][MULTI_HOT_KEY]
     with pytest.raises(ValueError, match=r"targets\[1\] has no 'multi_hot_labels'"):
         criterion(outputs, missing)
     wrong = [dict(targets[0]), dict(targets[1])]
     wrong[0][MULTI_HOT_KEY] = wrong[0][MULTI_HOT_KEY][:, :2]
-    with pytest.raises(ValueError, match=r"targets\[0\]\['multi_hot_labels'\] must have shape \(2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"targets\[0\]\['multi_hot_labels'\] must have shape \(2, 4\)"
+    ):
         criterion(outputs, wrong)
     with pytest.raises(ValueError, match="num_class_logits"):
         SetCriterion(4, HungarianMatcher(), num_class_logits=5)

@@ -7,6 +7,7 @@ subject queries), ``class_embed_dsct.{0-5}`` and ``bbox_embed_dsct.{0-5}`` (one 
 the 6 decoder layers). The shared part goes through the Deformable DETR converter; the DSCT heads
 become ``subject_class_embed`` / ``subject_bbox_embed`` / ``subject_query_embed``.
 """
+
 import argparse
 import os
 import re
@@ -68,7 +69,9 @@ def load_official_checkpoint(path: str) -> Dict[str, Any]:
 def _unwrap(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state_dict, Mapping) or not state_dict:
-        raise ValueError("checkpoint must be a state dict or a dict with a non-empty 'model' state dict")
+        raise ValueError(
+            "checkpoint must be a state dict or a dict with a non-empty 'model' state dict"
+        )
     return dict(state_dict)
 
 
@@ -127,7 +130,9 @@ def _shared_heads(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
     return out
 
 
-def convert_official_dsct_state_dict(checkpoint: Mapping) -> Tuple[Dict[str, torch.Tensor], DSCTVariant]:
+def convert_official_dsct_state_dict(
+    checkpoint: Mapping,
+) -> Tuple[Dict[str, torch.Tensor], DSCTVariant]:
     """Rename the authors' DSCT state dict to this package's :class:`DSCT`.
 
     Args:
@@ -145,15 +150,26 @@ def convert_official_dsct_state_dict(checkpoint: Mapping) -> Tuple[Dict[str, tor
     unexpected = [
         key
         for key in state_dict
-        if key.startswith(("class_embed.", "bbox_embed.", "transformer.decoder.class_embed", "transformer.decoder.bbox_embed"))
+        if key.startswith(
+            (
+                "class_embed.",
+                "bbox_embed.",
+                "transformer.decoder.class_embed",
+                "transformer.decoder.bbox_embed",
+            )
+        )
     ]
     if unexpected:
-        raise ValueError(f"checkpoint has Deformable DETR detection heads, not part of DSCT: {unexpected[:10]}")
+        raise ValueError(
+            f"checkpoint has Deformable DETR detection heads, not part of DSCT: {unexpected[:10]}"
+        )
     as_deformable_detr = _shared_heads(
         {key: value for key, value in state_dict.items() if key != "query_embed_dsct.weight"}
     )
     try:
-        converted = convert_official_state_dict(as_deformable_detr, num_classes=variant.num_emotions + 1)
+        converted = convert_official_state_dict(
+            as_deformable_detr, num_classes=variant.num_emotions + 1
+        )
     except ValueError as error:
         raise ValueError(f"not a DSCT checkpoint: {error}") from error
     out: Dict[str, torch.Tensor] = {}

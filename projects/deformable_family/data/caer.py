@@ -6,6 +6,7 @@ folder ``CAER_S/train`` or ``CAER_S/test``; the authors' train and val both come
 Dataset dicts are as EMOTIC's (:mod:`deformable_family.data.emotic`) with ``emotions`` the one-hot of
 the face's class.
 """
+
 import os
 from typing import Any, Dict, List, Optional
 

@@ -10,6 +10,7 @@ Dataset dicts hold one annotation per person: ``bbox`` (the json's box, ``XYWH_A
 ``EMOTIC_EMOTIONS`` order. Persons whose box is empty once clamped to the image are dropped and
 counted in the log, as the authors' loader drops them.
 """
+
 import json
 import logging
 import os

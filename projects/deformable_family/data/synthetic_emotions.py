@@ -18,6 +18,7 @@ images (``images/synthetic/images/<split>_<index>.png``) are written into
 ``<root>/emotic_synthetic_v1/`` (root: ``$DETECTRON2_DATASETS`` or ``./datasets``), read by the same
 loader as EMOTIC. Generation is deterministic (seeded per image) and atomic, as the shapes dataset.
 """
+
 import json
 import logging
 import os
@@ -74,7 +75,8 @@ def _another(colour: Optional[str] = None, mouth: Optional[str] = None):
 
     def rule(person: Person, context: Context) -> bool:
         return any(
-            (colour is None or other["colour"] == colour) and (mouth is None or other["mouth"] == mouth)
+            (colour is None or other["colour"] == colour)
+            and (mouth is None or other["mouth"] == mouth)
             for other in _others(person, context)
         )
 
@@ -83,7 +85,9 @@ def _another(colour: Optional[str] = None, mouth: Optional[str] = None):
 
 def _own(colour: Optional[str] = None, mouth: Optional[str] = None):
     """Rule: the person's own head has this colour and/or mouth."""
-    return lambda p, c: (colour is None or p["colour"] == colour) and (mouth is None or p["mouth"] == mouth)
+    return lambda p, c: (colour is None or p["colour"] == colour) and (
+        mouth is None or p["mouth"] == mouth
+    )
 
 
 # Emotion -> (kind of evidence, rule(person, context)). Kinds: "appearance" (the head itself),
@@ -126,7 +130,9 @@ assert list(EMOTION_RULES) == EMOTIC_EMOTIONS
 
 def default_synthetic_emotions_root() -> str:
     """``$DETECTRON2_DATASETS/emotic_synthetic_v1`` (``./datasets/...`` when unset)."""
-    return os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), SYNTHETIC_EMOTIONS_VERSION)
+    return os.path.join(
+        os.environ.get("DETECTRON2_DATASETS", "datasets"), SYNTHETIC_EMOTIONS_VERSION
+    )
 
 
 def person_emotions(person: Person, context: Context) -> List[int]:
@@ -168,21 +174,60 @@ def _draw_person(image: np.ndarray, person: Person) -> None:
     cv2.rectangle(
         image, (int(body[0]), int(body[1])), (int(body[2]), int(body[3])), person["body_colour"], -1
     )
-    cv2.circle(image, (int(round(cx)), int(round(cy))), int(round(radius)), HEAD_COLOURS[person["colour"]], -1, cv2.LINE_AA)
+    cv2.circle(
+        image,
+        (int(round(cx)), int(round(cy))),
+        int(round(radius)),
+        HEAD_COLOURS[person["colour"]],
+        -1,
+        cv2.LINE_AA,
+    )
     dark = (20, 20, 20)
     eye_dx, eye_y = radius * 0.38, cy - radius * 0.25
     eye = max(1, int(round(radius * 0.13)))
     for sign in (-1, 1):
-        cv2.circle(image, (int(round(cx + sign * eye_dx)), int(round(eye_y))), eye, dark, -1, cv2.LINE_AA)
+        cv2.circle(
+            image, (int(round(cx + sign * eye_dx)), int(round(eye_y))), eye, dark, -1, cv2.LINE_AA
+        )
     mouth_w = max(2, int(round(radius * 0.5)))
     mouth_h = max(2, int(round(radius * 0.3)))
     thickness = max(1, int(round(radius * 0.15)))
     if person["mouth"] == "smile":
-        cv2.ellipse(image, (int(round(cx)), int(round(cy + radius * 0.2))), (mouth_w, mouth_h), 0, 20, 160, dark, thickness, cv2.LINE_AA)
+        cv2.ellipse(
+            image,
+            (int(round(cx)), int(round(cy + radius * 0.2))),
+            (mouth_w, mouth_h),
+            0,
+            20,
+            160,
+            dark,
+            thickness,
+            cv2.LINE_AA,
+        )
     elif person["mouth"] == "frown":
-        cv2.ellipse(image, (int(round(cx)), int(round(cy + radius * 0.6))), (mouth_w, mouth_h), 0, 200, 340, dark, thickness, cv2.LINE_AA)
+        cv2.ellipse(
+            image,
+            (int(round(cx)), int(round(cy + radius * 0.6))),
+            (mouth_w, mouth_h),
+            0,
+            200,
+            340,
+            dark,
+            thickness,
+            cv2.LINE_AA,
+        )
     else:
-        cv2.ellipse(image, (int(round(cx)), int(round(cy + radius * 0.45))), (max(2, mouth_w // 2), mouth_h), 0, 0, 360, dark, -1, cv2.LINE_AA)
+        cv2.ellipse(
+            image,
+            (int(round(cx)), int(round(cy + radius * 0.45))),
+            (max(2, mouth_w // 2), mouth_h),
+            0,
+            0,
+            360,
+            dark,
+            -1,
+            cv2.LINE_AA,
+        )
 
 
 def _make_image(seed: Tuple[int, ...]) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
@@ -204,7 +249,9 @@ def _make_image(seed: Tuple[int, ...]) -> Tuple[np.ndarray, List[Dict[str, Any]]
             head = np.array([x0, y0, x0 + diameter, y0 + diameter], dtype=np.float64)
             body_w, body_h = 1.2 * diameter, 1.6 * diameter
             cx = x0 + radius
-            body = np.array([cx - body_w / 2, y0 + diameter - 1, cx + body_w / 2, y0 + diameter + body_h])
+            body = np.array(
+                [cx - body_w / 2, y0 + diameter - 1, cx + body_w / 2, y0 + diameter + body_h]
+            )
             if not _overlaps(head, occupied) and not _overlaps(body, occupied[0::2], margin=0.0):
                 break
         else:
@@ -216,7 +263,9 @@ def _make_image(seed: Tuple[int, ...]) -> Tuple[np.ndarray, List[Dict[str, Any]]
                 "radius": radius,
                 "head_box": [x0, y0, diameter, diameter],
                 "body_box": body,
-                "body_colour": [float(v) for v in rng.uniform(70, 190) * np.ones(3) + rng.uniform(-10, 10, 3)],
+                "body_colour": [
+                    float(v) for v in rng.uniform(70, 190) * np.ones(3) + rng.uniform(-10, 10, 3)
+                ],
                 "colour": list(HEAD_COLOURS)[int(rng.integers(0, len(HEAD_COLOURS)))],
                 "mouth": MOUTHS[int(rng.integers(0, len(MOUTHS)))],
             }
@@ -244,11 +293,20 @@ def _make_image(seed: Tuple[int, ...]) -> Tuple[np.ndarray, List[Dict[str, Any]]
             cv2.line(image, (mid_x, y0), (mid_x, y0 + size), (10, 10, 10), 2)
             cv2.line(image, (x0, mid_y), (x0 + size, mid_y), (10, 10, 10), 2)
         elif kind == "fire":
-            points = np.array([[x0 + size / 2, y0], [x0 + size, y0 + size], [x0, y0 + size]], np.int32)
+            points = np.array(
+                [[x0 + size / 2, y0], [x0 + size, y0 + size], [x0, y0 + size]], np.int32
+            )
             cv2.fillPoly(image, [points], (255, 120, 0), cv2.LINE_AA)
         else:
             grey = float(rng.uniform(90, 170))
-            cv2.circle(image, (x0 + size // 2, y0 + size // 2), size // 2, (grey, grey, grey), -1, cv2.LINE_AA)
+            cv2.circle(
+                image,
+                (x0 + size // 2, y0 + size // 2),
+                size // 2,
+                (grey, grey, grey),
+                -1,
+                cv2.LINE_AA,
+            )
         if kind in ("gift", "fire"):
             context[kind] = True
 
@@ -320,7 +378,9 @@ def generate_synthetic_emotions(
     Returns:
         ``root``.
     """
-    num_images = dict(num_images or {split: n for split, (n, _) in SYNTHETIC_EMOTIONS_SPLITS.items()})
+    num_images = dict(
+        num_images or {split: n for split, (n, _) in SYNTHETIC_EMOTIONS_SPLITS.items()}
+    )
     for split, n in num_images.items():
         if split not in SYNTHETIC_EMOTIONS_SPLITS:
             raise ValueError(
@@ -328,12 +388,16 @@ def generate_synthetic_emotions(
                 f"{sorted(SYNTHETIC_EMOTIONS_SPLITS)}"
             )
         if not isinstance(n, int) or n < 1:
-            raise ValueError(f"generate_synthetic_emotions: num_images[{split!r}] must be a positive int, got {n!r}")
+            raise ValueError(
+                f"generate_synthetic_emotions: num_images[{split!r}] must be a positive int, got {n!r}"
+            )
     if os.path.isdir(root):
         return root
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
-    logger.info(f"Generating the synthetic emotion dataset into {root} ({num_images}, seed {seed}) ...")
+    logger.info(
+        f"Generating the synthetic emotion dataset into {root} ({num_images}, seed {seed}) ..."
+    )
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
     try:
         for split, n in num_images.items():
@@ -363,7 +427,9 @@ def register_synthetic_emotions(
         The registered dataset names.
     """
     root = root or default_synthetic_emotions_root()
-    num_images = dict(num_images or {split: n for split, (n, _) in SYNTHETIC_EMOTIONS_SPLITS.items()})
+    num_images = dict(
+        num_images or {split: n for split, (n, _) in SYNTHETIC_EMOTIONS_SPLITS.items()}
+    )
     names = []
     for split in num_images:
         name = f"{prefix}_{split}"

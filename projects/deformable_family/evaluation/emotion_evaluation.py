@@ -8,6 +8,7 @@ EMOTIC: scikit-learn's ``average_precision_score`` per emotion over all persons 
 mean (an emotion without positives scores 0 and counts in the mean). CAER-S: share of faces whose
 arg-max emotion equals the label.
 """
+
 import logging
 import warnings
 from collections import OrderedDict
@@ -50,8 +51,12 @@ def match_persons_to_queries(person_boxes: np.ndarray, query_boxes: np.ndarray) 
     query_boxes = np.asarray(query_boxes, dtype=np.float64).reshape(-1, 4)
     if len(query_boxes) == 0:
         raise ValueError("match_persons_to_queries: no predicted boxes")
-    area_person = (person_boxes[:, 2] - person_boxes[:, 0] + 1) * (person_boxes[:, 3] - person_boxes[:, 1] + 1)
-    area_query = (query_boxes[:, 2] - query_boxes[:, 0] + 1) * (query_boxes[:, 3] - query_boxes[:, 1] + 1)
+    area_person = (person_boxes[:, 2] - person_boxes[:, 0] + 1) * (
+        person_boxes[:, 3] - person_boxes[:, 1] + 1
+    )
+    area_query = (query_boxes[:, 2] - query_boxes[:, 0] + 1) * (
+        query_boxes[:, 3] - query_boxes[:, 1] + 1
+    )
     left_top = np.maximum(person_boxes[:, None, :2], query_boxes[None, :, :2])
     right_bottom = np.minimum(person_boxes[:, None, 2:], query_boxes[None, :, 2:])
     sides = np.maximum(0.0, right_bottom - left_top + 1)
@@ -80,7 +85,9 @@ def emotion_average_precision(labels: np.ndarray, scores: np.ndarray) -> Tuple[f
         # in the mean, as in the authors' run; the count is logged by the caller.
         warnings.filterwarnings("ignore", message="No positive class found")
         mean_ap = float(average_precision_score(labels, scores))
-        per_class = np.asarray(average_precision_score(labels, scores, average=None), dtype=np.float64)
+        per_class = np.asarray(
+            average_precision_score(labels, scores, average=None), dtype=np.float64
+        )
     return mean_ap, per_class
 
 
@@ -90,7 +97,9 @@ class _EmotionEvaluator(DatasetEvaluator):
 
     _task = ""
 
-    def __init__(self, dataset_name: str, distributed: bool = True, output_dir: Optional[str] = None):
+    def __init__(
+        self, dataset_name: str, distributed: bool = True, output_dir: Optional[str] = None
+    ):
         """
         Args:
             dataset_name: a registered dataset whose dicts hold ``image_id`` and annotations with
@@ -99,7 +108,9 @@ class _EmotionEvaluator(DatasetEvaluator):
             output_dir: unused (kept for detectron2's evaluator signature).
         """
         if not isinstance(dataset_name, str) or not dataset_name:
-            raise ValueError(f"{type(self).__name__}: dataset_name must be a non-empty string, got {dataset_name!r}")
+            raise ValueError(
+                f"{type(self).__name__}: dataset_name must be a non-empty string, got {dataset_name!r}"
+            )
         self._dataset_name = dataset_name
         self._distributed = distributed
         self._output_dir = output_dir
@@ -161,7 +172,9 @@ class _EmotionEvaluator(DatasetEvaluator):
                         f"{self._dataset_name} has no 'emotions'"
                     )
                 mode = annotation.get("bbox_mode", BoxMode.XYWH_ABS)
-                person_boxes.append(BoxMode.convert(list(annotation["bbox"]), mode, BoxMode.XYXY_ABS))
+                person_boxes.append(
+                    BoxMode.convert(list(annotation["bbox"]), mode, BoxMode.XYXY_ABS)
+                )
                 labels.append(annotation["emotions"])
                 group_sizes.append(len(annotations))
             queries = match_persons_to_queries(np.asarray(person_boxes), boxes)
@@ -212,7 +225,9 @@ class EmoticEvaluator(_EmotionEvaluator):
         group_rows = []
         for size, label in PERSON_GROUPS:
             members = group_sizes == size if size < 5 else group_sizes >= size
-            num_images = int((image_counts == size).sum() if size < 5 else (image_counts >= size).sum())
+            num_images = int(
+                (image_counts == size).sum() if size < 5 else (image_counts >= size).sum()
+            )
             if not members.any():
                 group_rows.append((label, 0, 0, "n/a"))
                 continue
@@ -223,13 +238,18 @@ class EmoticEvaluator(_EmotionEvaluator):
         results["mAP-chance"] = 100 * chance
 
         positives = labels.sum(0)
-        rows = [(name, int(count), f"{100 * value:.2f}") for name, count, value in zip(names, positives, per_class)]
+        rows = [
+            (name, int(count), f"{100 * value:.2f}")
+            for name, count, value in zip(names, positives, per_class)
+        ]
         logger.info(
             f"EMOTIC evaluation of {self._dataset_name}: {len(labels)} persons in "
             f"{len(image_counts)} images\n"
             + tabulate(rows, headers=["emotion", "#positives", "AP"], tablefmt="pipe")
             + "\n"
-            + tabulate(group_rows, headers=["persons/image", "#images", "#persons", "mAP"], tablefmt="pipe")
+            + tabulate(
+                group_rows, headers=["persons/image", "#images", "#persons", "mAP"], tablefmt="pipe"
+            )
         )
         without_positives = [name for name, count in zip(names, positives) if count == 0]
         if without_positives:
@@ -256,7 +276,9 @@ class CAEREvaluator(_EmotionEvaluator):
             return {}
         labels, scores, _, _ = self._matched(predictions)
         if (labels.sum(1) != 1).any():
-            raise ValueError(f"CAEREvaluator: every face of {self._dataset_name} needs exactly one label")
+            raise ValueError(
+                f"CAEREvaluator: every face of {self._dataset_name} needs exactly one label"
+            )
         names = self._names(labels.shape[1])
         truth, predicted = labels.argmax(1), scores.argmax(1)
         results: Dict[str, float] = OrderedDict(accuracy=100 * float((truth == predicted).mean()))

@@ -252,7 +252,9 @@ class HungarianMatcher(nn.Module):
             or isinstance(num_class_logits, bool)
             or num_class_logits < 1
         ):
-            raise ValueError(f"num_class_logits must be None or a positive int, got {num_class_logits!r}")
+            raise ValueError(
+                f"num_class_logits must be None or a positive int, got {num_class_logits!r}"
+            )
         self.multi_label = bool(multi_label)
         self.num_class_logits = num_class_logits
 

@@ -7,6 +7,7 @@ checkpoint) followed by ``num_subject_queries`` subject queries. SSRA
 them in every layer. Only the subject tokens are decoded, by one class head (emotions + one
 "subject-ness" logit) and one box head shared by all decoder layers.
 """
+
 import logging
 from typing import Dict, List, Mapping, Sequence, Tuple
 
@@ -211,7 +212,10 @@ class DSCT(DeformableDETR):
         return targets
 
     def run_transformer(
-        self, features: List[torch.Tensor], masks: List[torch.Tensor], pos_embeds: List[torch.Tensor]
+        self,
+        features: List[torch.Tensor],
+        masks: List[torch.Tensor],
+        pos_embeds: List[torch.Tensor],
     ) -> Dict:
         """The transformer with the queries [context | subjects] (heads stay here)."""
         queries = torch.cat([self.query_embed.weight, self.subject_query_embed.weight], 0)
@@ -276,7 +280,9 @@ class DSCT(DeformableDETR):
         )
         return [{"instances": instances} for instances in results]
 
-    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, **kwargs):
+    def load_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, **kwargs
+    ):
         """``nn.Module.load_state_dict``, logging which top-level parts were loaded and which start
         fresh (detectron2's checkpointer lists the keys; this says what they amount to)."""
         result = super().load_state_dict(state_dict, strict=strict, **kwargs)
@@ -287,7 +293,11 @@ class DSCT(DeformableDETR):
         def parts(keys):
             names = []
             for key in keys:
-                part = ".".join(key.split(".")[:2]) if key.startswith("transformer.") else key.split(".")[0]
+                part = (
+                    ".".join(key.split(".")[:2])
+                    if key.startswith("transformer.")
+                    else key.split(".")[0]
+                )
                 if part not in names:
                     names.append(part)
             return ", ".join(names) or "none"

@@ -13,6 +13,7 @@ No parameters, no 1/sqrt(d) scaling, no dropout or norm (the authors' code). Con
 unchanged. The neighbour selection carries no gradient; the gathered tokens and the softmax weights
 do.
 """
+
 import torch
 from torch import Tensor, nn
 
@@ -56,11 +57,7 @@ def ssra(
     spatial_weights = _softmax_over(scores.gather(2, spatial_index), spatial_index, num_context)
     semantic_weights = _softmax_over(scores.gather(2, semantic_index), semantic_index, num_context)
     subject_weights = (subjects @ subjects.transpose(1, 2)).softmax(-1)  # (B, N, N)
-    return (
-        subjects
-        + (spatial_weights + semantic_weights) @ context
-        + subject_weights @ subjects
-    )
+    return subjects + (spatial_weights + semantic_weights) @ context + subject_weights @ subjects
 
 
 class SpatialSemanticRelationalAggregation(nn.Module):
