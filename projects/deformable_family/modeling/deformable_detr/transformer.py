@@ -225,6 +225,7 @@ class DeformableEncoder(nn.Module):
 
 class DeformableDecoderLayer(nn.Module):
     """Self-attention -> add & norm -> deformable cross-attention -> add & norm -> FFN -> add & norm.
+
     ``post_cross_attn``, when given, runs between the cross-attention's add & norm and the FFN as
     ``query = post_cross_attn(query, reference_points)`` (DSCT's SSRA on its subject tokens).
     """
