@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Print the training curve of DSCT quickstart runs (loss every 100 iterations, mAP at every
-evaluation) from their metrics.json, as a markdown table per run.
+evaluation) from their metrics.json, as a markdown table per run, and the final mean AP of the
+emotions by the evidence they follow (own head, scene and objects, other persons).
 
     python train_net.py --config-file configs/quickstart/dsct_synthetic.py train.output_dir=out/ssra
     python train_net.py --config-file configs/quickstart/dsct_synthetic.py train.output_dir=out/no_ssra \
@@ -49,6 +50,20 @@ def curve(rows):
     return "\n".join(table)
 
 
+def by_evidence(rows) -> str:
+    """Mean AP of the last evaluation per kind of evidence of the synthetic labels."""
+    from deformable_family.data.synthetic_emotions import EMOTION_RULES
+
+    last = [row for row in rows if "emotic/mAP" in row][-1]
+    parts = []
+    for kind in ("appearance", "scene", "others"):
+        names = [name for name, (rule_kind, _) in EMOTION_RULES.items() if rule_kind == kind]
+        values = [last[f"emotic/AP-{name}"] for name in names]
+        parts.append(f"{kind} ({len(names)}): {sum(values) / len(values):.1f}")
+    return f"final mean AP by evidence: {', '.join(parts)}"
+
+
 if __name__ == "__main__":
     for output_dir in sys.argv[1:]:
-        print(f"### {output_dir}\n\n{curve(read_metrics(output_dir))}\n")
+        rows = read_metrics(output_dir)
+        print(f"### {output_dir}\n\n{curve(rows)}\n\n{by_evidence(rows)}\n")
