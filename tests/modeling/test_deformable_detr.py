@@ -213,3 +213,35 @@ def test_heads_have_one_state_dict_key_each():
     ids = [id(p) for p in model.parameters()]
     assert len(ids) == len(set(ids))
     assert sum(1 for key in keys if key.startswith("class_embed.") and key.endswith(".weight")) == 2
+
+
+@pytest.mark.parametrize("variant", ["box_refine", "two_stage"])
+def test_per_layer_and_proposal_heads_start_as_copies_of_one_head(variant):
+    """The authors build one class head and one box head and deep-copy them per decoder layer
+    (and for the two-stage proposals): identical initial weights everywhere."""
+    torch.manual_seed(0)
+    model = instantiate(tiny_model_config(variant))
+    reference_class = model.class_embed[0].state_dict()
+    reference_box = model.bbox_embed[-1].state_dict()
+    assert len(model.class_embed) == len(model.bbox_embed) == model.transformer.decoder.num_layers
+    for head in model.class_embed:
+        for key, value in head.state_dict().items():
+            assert torch.equal(value, reference_class[key]), key
+    for layer, head in enumerate(model.bbox_embed):
+        for key, value in head.state_dict().items():
+            expected = reference_box[key].clone()
+            if layer == 0 and variant == "box_refine" and key == "layers.2.bias":
+                expected[2:] = -2.0  # only the first layer starts with small (w, h)
+            assert torch.equal(value, expected), (layer, key)
+    assert torch.all(model.bbox_embed[-1].layers[2].bias == 0)
+    if variant == "two_stage":
+        for key, value in model.proposal_class_embed.state_dict().items():
+            assert torch.equal(value, reference_class[key]), key
+        for key, value in model.proposal_bbox_embed.state_dict().items():
+            assert torch.equal(value, reference_box[key]), key
+        config = tiny_model_config(variant)
+        config.proposal_num_classes = 1
+        binary = instantiate(config)
+        assert binary.proposal_class_embed.weight.shape == (1, 64)
+        torch.testing.assert_close(binary.proposal_class_embed.weight, binary.class_embed[0].weight[:1])
+        torch.testing.assert_close(binary.proposal_class_embed.bias, binary.class_embed[0].bias[:1])

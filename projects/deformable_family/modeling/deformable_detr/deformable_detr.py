@@ -28,6 +28,16 @@ def _class_head(d_model: int, num_classes: int, prior_prob: float = 0.01) -> nn.
     return head
 
 
+def _first_rows(head: nn.Linear, num_rows: int) -> nn.Linear:
+    """A deep copy of ``head`` keeping only its first ``num_rows`` outputs."""
+    copied = copy.deepcopy(head)
+    if num_rows != head.out_features:
+        copied.weight = nn.Parameter(head.weight.detach()[:num_rows].clone())
+        copied.bias = nn.Parameter(head.bias.detach()[:num_rows].clone())
+        copied.out_features = num_rows
+    return copied
+
+
 def _box_head(d_model: int, size_bias: float) -> MLP:
     head = MLP(d_model, d_model, 4, 3)
     nn.init.constant_(head.layers[-1].weight, 0.0)
@@ -95,6 +105,10 @@ class DeformableDETR(nn.Module):
             raise ValueError(
                 f"transformer.two_stage ({transformer.two_stage}) differs from two_stage ({two_stage})"
             )
+        if two_stage and not 1 <= proposal_num_classes <= num_classes:
+            raise ValueError(
+                f"proposal_num_classes must be in [1, num_classes={num_classes}], got {proposal_num_classes}"
+            )
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
@@ -139,25 +153,31 @@ class DeformableDETR(nn.Module):
             self.query_embed = nn.Embedding(num_queries, d_model * 2)
 
         num_decoder_layers = transformer.decoder.num_layers
+        # As the authors: one class head and one box head are built and initialised, and every
+        # per-layer head (refinement) and the two-stage proposal heads are deep copies of them, so
+        # all start from identical weights.
+        class_head = _class_head(d_model, num_classes)
+        box_head = _box_head(d_model, size_bias=0.0)
         if with_box_refine:
-            # Deep copies of one freshly initialised head, as the authors; only the first layer's
-            # box head starts with small (w, h).
             self.class_embed = nn.ModuleList(
-                copy.deepcopy(_class_head(d_model, num_classes)) for _ in range(num_decoder_layers)
+                copy.deepcopy(class_head) for _ in range(num_decoder_layers)
             )
-            box_head = _box_head(d_model, size_bias=0.0)
             self.bbox_embed = nn.ModuleList(
                 copy.deepcopy(box_head) for _ in range(num_decoder_layers)
             )
+            # Only the first layer's box head starts with small (w, h); the two-stage model keeps
+            # 0 for every box head, as the authors' code resets them.
             if not two_stage:
                 nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
         else:
-            self.class_embed = nn.ModuleList([_class_head(d_model, num_classes)])
-            self.bbox_embed = nn.ModuleList([_box_head(d_model, size_bias=-2.0)])
+            nn.init.constant_(box_head.layers[-1].bias[2:], -2.0)
+            self.class_embed = nn.ModuleList([class_head])
+            self.bbox_embed = nn.ModuleList([box_head])
         if two_stage:
-            # Authors' code: the two-stage model resets every box head's (w, h) bias to 0.
-            self.proposal_class_embed = _class_head(d_model, proposal_num_classes)
-            self.proposal_bbox_embed = _box_head(d_model, size_bias=0.0)
+            # The authors' proposal heads are one more copy of each head; a narrower proposal class
+            # head keeps the copy's first rows (only row 0, the foreground logit, is used).
+            self.proposal_class_embed = _first_rows(class_head, proposal_num_classes)
+            self.proposal_bbox_embed = copy.deepcopy(box_head)
 
         self.register_buffer(
             "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False
