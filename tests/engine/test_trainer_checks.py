@@ -126,3 +126,37 @@ def test_ema_follows_its_formula():
     assert torch.allclose(restored.ema_state["weight"], ema.ema_state["weight"]) and restored.num_updates == 2
     with pytest.raises(ValueError, match="decay"):
         EMAHook(model, decay=1.0)
+
+
+def test_ema_starts_from_the_weights_training_starts_from():
+    """train_net builds the hook, then loads train.init_checkpoint (resume_or_load), then trains:
+    the average must start from the loaded weights, not from the random initialisation."""
+    model = _LossModel()
+    ema = EMAHook(model, decay=0.9)
+    with torch.no_grad():  # what resume_or_load does to the model after the hooks are built
+        model.linear.weight.fill_(5.0)
+        model.linear.bias.fill_(-1.0)
+    trainer = build_trainer(model, _loader(), torch.optim.SGD(model.parameters(), lr=0.0))
+    trainer.register_hooks([ema])
+    trainer.train(0, 3)
+    assert ema.num_updates == 3
+    torch.testing.assert_close(ema.ema_state["linear.weight"], torch.full((1, 4), 5.0))
+    torch.testing.assert_close(ema.ema_state["linear.bias"], torch.full((1,), -1.0))
+
+
+def test_resumed_ema_is_kept():
+    model = _LossModel()
+    saved = EMAHook(model, decay=0.9)
+    saved.ema_state["linear.weight"].fill_(3.0)
+    saved.num_updates = 7
+    state = saved.state_dict()
+    with torch.no_grad():
+        model.linear.weight.fill_(5.0)
+    resumed = EMAHook(model, decay=0.9)
+    resumed.load_state_dict(state)  # a resumed checkpoint restores the hook before training starts
+    trainer = build_trainer(model, _loader(), torch.optim.SGD(model.parameters(), lr=0.0))
+    trainer.register_hooks([resumed])
+    trainer.train(0, 1)
+    # One update from the restored 3.0 towards the weights 5.0: 0.9 * 3 + 0.1 * 5.
+    torch.testing.assert_close(resumed.ema_state["linear.weight"], torch.full((1, 4), 3.2))
+    assert resumed.num_updates == 8

@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from detectron2.config import instantiate
 from detectron2.engine import default_argument_parser
 
 from deformable_family.data import register_shapes
@@ -114,3 +115,43 @@ def test_resume_continues_from_the_last_checkpoint(dataset, tmp_path, monkeypatc
     assert seen["resumed"][0] == seen["uninterrupted"][0] == 4
     assert seen["resumed"][1] == pytest.approx(seen["uninterrupted"][1])
     assert os.path.exists(os.path.join(out, "model_final.pth"))
+
+
+def _float_distance(a, b):
+    return sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a if a[k].is_floating_point()) ** 0.5
+
+
+def test_ema_starts_from_the_init_checkpoint_and_is_what_is_evaluated(dataset, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    # The weights training starts from: the same model drawn with another seed, as a checkpoint.
+    torch.manual_seed(123)
+    start = instantiate(train_net.setup(_args(out)).model).state_dict()
+    torch.save({"model": start}, str(tmp_path / "start.pth"))
+
+    evaluated = []
+
+    def record_evaluated_weights(model, data_loader, evaluator):
+        inner = model.module if hasattr(model, "module") else model
+        evaluated.append({k: v.detach().clone() for k, v in inner.state_dict().items()})
+        return {}
+
+    monkeypatch.setattr(train_net, "inference_on_dataset", record_evaluated_weights)
+    ema = ["train.ema.enabled=True", "train.ema.decay=0.99"]
+    train_net.main(_args(out, opts=[
+        "train.max_iter=2", "train.eval_period=2", f"train.init_checkpoint={tmp_path}/start.pth", *ema
+    ]))
+    final = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
+    raw, ema_state = final["model"], final["trainer"]["hooks"]["EMAHook"]["ema_state"]
+    # Two updates at decay 0.99 keep the average within ~2% of the way from the start to the weights.
+    moved = _float_distance(raw, start)
+    assert moved > 0
+    assert _float_distance(ema_state, start) < 0.05 * moved
+    # The periodic evaluation saw the average.
+    assert all(torch.equal(evaluated[-1][k], ema_state[k]) for k in ema_state)
+
+    evaluated.clear()
+    train_net.main(_args(out, "--eval-only", opts=[f"train.init_checkpoint={out}/model_final.pth", *ema]))
+    assert all(torch.equal(evaluated[-1][k], ema_state[k]) for k in ema_state)
+    assert not all(torch.equal(evaluated[-1][k], raw[k]) for k in raw)
+    train_net.main(_args(out, "--eval-only", opts=[f"train.init_checkpoint={out}/model_final.pth"]))
+    assert all(torch.equal(evaluated[-1][k], raw[k]) for k in raw)
