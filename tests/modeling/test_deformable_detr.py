@@ -1,5 +1,7 @@
 """Deformable DETR meta-architecture: training and inference on CPU with tiny inputs."""
 
+import os
+
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
@@ -7,7 +9,8 @@ from detectron2.structures import Boxes, Instances
 
 from deformable_family.modeling.deformable_detr import DeformableDETR
 
-MODEL_CONFIG = "configs/common/models/deformable_detr.py"
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+MODEL_CONFIG = os.path.join(ROOT, "configs", "common", "models", "deformable_detr.py")
 VARIANTS = ["single_scale", "multi_scale", "box_refine", "two_stage"]
 
 
@@ -16,7 +19,6 @@ def tiny_model_config(variant: str):
     model = LazyConfig.load(MODEL_CONFIG).model
     model.backbone.depth = 18
     model.transformer.d_model = 64
-    model.position_embedding.num_pos_feats = 32
     for part in (model.transformer.encoder, model.transformer.decoder):
         part.num_layers = 2
         part.d_ffn = 128
@@ -191,6 +193,10 @@ def test_position_embedding_width_mismatch_is_a_clear_error():
     config = tiny_model_config("multi_scale")
     config.position_embedding.num_pos_feats = 128
     with pytest.raises(ValueError, match="num_pos_feats"):
+        instantiate(config)
+    config = tiny_model_config("multi_scale")
+    config.position_embedding.num_channels = 128
+    with pytest.raises(ValueError, match="position_embedding gives 128 channels"):
         instantiate(config)
 
 

@@ -28,7 +28,6 @@ TINY = [
     "dataloader.train.num_workers=0",
     "dataloader.test.num_workers=0",
     "model.transformer.d_model=32",
-    "model.position_embedding.num_pos_feats=16",
     "model.transformer.encoder.num_layers=1",
     "model.transformer.decoder.num_layers=2",
     "model.transformer.encoder.d_ffn=64",
