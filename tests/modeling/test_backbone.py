@@ -6,6 +6,7 @@ from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
 
+from deformable_family.config import add_multiscale_resnet_config
 from deformable_family.modeling.backbones import MultiScaleResNet
 
 
@@ -57,13 +58,18 @@ def test_stride_on_3x3_conv_and_neck_init():
 def test_yacs_builder_registered():
     assert "build_multiscale_resnet_backbone" in BACKBONE_REGISTRY
     cfg = get_cfg()
-    cfg.MODEL.BACKBONE.NAME = "build_multiscale_resnet_backbone"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    add_multiscale_resnet_config(cfg)
+    cfg.MODEL.RESNETS.DEPTH = 50
+    cfg.MODEL.MULTISCALE_RESNET.OUT_CHANNELS = 64
     backbone = build_backbone(cfg, ShapeSpec(channels=3))
     assert isinstance(backbone, MultiScaleResNet)
     assert [s.stride for s in backbone.output_shape().values()] == [8, 16, 32, 64]
+    assert all(s.channels == 64 for s in backbone.output_shape().values())
+    # The LazyConfig's torchvision layout, not detectron2's default STRIDE_IN_1X1=True.
+    assert backbone.body.res3[0].conv1.stride == (1, 1) and backbone.body.res3[0].conv2.stride == (2, 2)
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    cfg.MODEL.MULTISCALE_RESNET.NUM_EXTRA_LEVELS = 0
+    assert [s.stride for s in build_backbone(cfg, ShapeSpec(channels=3)).output_shape().values()] == [32]
 
 
 def test_bad_arguments_are_clear_errors():

@@ -77,8 +77,8 @@ class PositionEmbeddingSine(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"num_pos_feats={self.num_pos_feats}, temperature={self.temperature}, "
-            f"normalize={self.normalize}, scale={self.scale}"
+            f"num_pos_feats={self.num_pos_feats}, temperature={float(self.temperature)}, "
+            f"normalize={self.normalize}, scale={float(self.scale)}"
         )
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:

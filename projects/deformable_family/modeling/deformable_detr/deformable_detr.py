@@ -8,15 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 
 from deformable_family.layers.mlp import MLP
 from deformable_family.layers.position_encoding import PositionEmbeddingSine
 from deformable_family.modeling.box_ops import box_xyxy_to_cxcywh
+from deformable_family.modeling.criterion import SetCriterion
+from deformable_family.modeling.matcher import HungarianMatcher
 from deformable_family.modeling.postprocessing import detr_inference, postprocess_to_original
 
-from .transformer import DeformableTransformer, refine_boxes
+from .transformer import DeformableDecoder, DeformableEncoder, DeformableTransformer, refine_boxes
 
 __all__ = ["DeformableDETR"]
 
@@ -55,8 +58,13 @@ class DeformableDETR(nn.Module):
     iterative refinement, else a single head applied to every layer (the authors repeat one module,
     so its parameters count once). Two-stage adds ``proposal_class_embed`` / ``proposal_bbox_embed``
     on the encoder output. The heads reach the transformer as call arguments.
+
+    Built from a LazyConfig (``configs/common/models/deformable_detr.py``) or, as a registered
+    detectron2 meta-architecture, by ``build_model(cfg)`` from a yacs config prepared with
+    ``deformable_family.config.add_deformable_detr_config`` (see :meth:`from_config`).
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -185,6 +193,78 @@ class DeformableDETR(nn.Module):
         self.register_buffer(
             "pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False
         )
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict[str, Any]:
+        """The constructor's arguments from a yacs config (``MODEL.DEFORMABLE_DETR`` and the
+        backbone's keys, see ``deformable_family.config``); the parts are built in the order the
+        LazyConfig builds them, so the same seed gives the same initial weights."""
+        if "DEFORMABLE_DETR" not in cfg.MODEL:
+            raise KeyError(
+                "cfg.MODEL.DEFORMABLE_DETR is missing: call "
+                "deformable_family.config.add_deformable_detr_config(cfg) first"
+            )
+        config = cfg.MODEL.DEFORMABLE_DETR
+        backbone = build_backbone(cfg)
+        d_model = config.HIDDEN_DIM
+        num_levels = len(backbone.output_shape())
+        position_embedding = PositionEmbeddingSine(
+            num_channels=d_model, temperature=config.POSITION_TEMPERATURE, normalize=True
+        )
+        layer_sizes = dict(
+            d_model=d_model,
+            d_ffn=config.DIM_FEEDFORWARD,
+            dropout=config.DROPOUT,
+            n_levels=num_levels,
+            n_heads=config.NHEADS,
+        )
+        encoder = DeformableEncoder(
+            num_layers=config.ENC_LAYERS, n_points=config.ENC_N_POINTS, **layer_sizes
+        )
+        decoder = DeformableDecoder(
+            num_layers=config.DEC_LAYERS, n_points=config.DEC_N_POINTS, **layer_sizes
+        )
+        transformer = DeformableTransformer(
+            encoder=encoder,
+            decoder=decoder,
+            d_model=d_model,
+            num_levels=num_levels,
+            two_stage=config.TWO_STAGE,
+            two_stage_num_proposals=config.NUM_QUERIES,
+        )
+        criterion = SetCriterion(
+            num_classes=config.NUM_CLASSES,
+            matcher=HungarianMatcher(
+                cost_class=config.COST_CLASS,
+                cost_bbox=config.COST_BBOX,
+                cost_giou=config.COST_GIOU,
+                focal_alpha=config.FOCAL_ALPHA,
+                focal_gamma=config.FOCAL_GAMMA,
+            ),
+            weight_dict={
+                "loss_class": config.CLASS_WEIGHT,
+                "loss_bbox": config.BBOX_WEIGHT,
+                "loss_giou": config.GIOU_WEIGHT,
+            },
+            focal_alpha=config.FOCAL_ALPHA,
+            focal_gamma=config.FOCAL_GAMMA,
+        )
+        return {
+            "backbone": backbone,
+            "position_embedding": position_embedding,
+            "transformer": transformer,
+            "criterion": criterion,
+            "num_classes": config.NUM_CLASSES,
+            "num_queries": config.NUM_QUERIES,
+            "with_box_refine": config.WITH_BOX_REFINE,
+            "two_stage": config.TWO_STAGE,
+            "proposal_num_classes": config.PROPOSAL_NUM_CLASSES or config.NUM_CLASSES,
+            "aux_loss": config.AUX_LOSS,
+            "pixel_mean": tuple(cfg.MODEL.PIXEL_MEAN),
+            "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
+            "input_format": cfg.INPUT.FORMAT,
+            "select_topk": config.SELECT_TOPK,
+        }
 
     @property
     def device(self) -> torch.device:
