@@ -373,6 +373,7 @@ def test_fallback_warns_once_and_uses_the_reference(monkeypatch):
         ms_deform_attn(*inputs)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "ms_deform_attn_reference" in messages[0]
+    assert "bash tools/setup_env.sh" in messages[0]  # the documented set-up, not a bare build_ext
     torch.testing.assert_close(output, ms_deform_attn_reference(*inputs), rtol=0, atol=0)
     with pytest.raises(ValueError, match="level_start_index"):
         ms_deform_attn(*_replace(2, torch.tensor([0, 11])))
