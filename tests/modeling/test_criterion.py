@@ -210,7 +210,11 @@ def test_zero_target_images():
     assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou"].item() == 0.0
     # Every element is a negative at logit 0; num_boxes is clamped to 1; weight 2.
     assert losses["loss_class"].item() == pytest.approx(2.0 * 4 * focal_element(0.0, 0))
-    sum(losses.values()).backward()  # the box losses stay in the graph
+    sum(losses.values()).backward()
+    # The box losses stay in the graph (no error, a gradient reaches the boxes) and, with nothing
+    # matched, push no box anywhere.
+    assert outputs["pred_boxes"].grad is not None
+    assert torch.all(outputs["pred_boxes"].grad == 0)
 
 
 def test_num_boxes_without_distributed():

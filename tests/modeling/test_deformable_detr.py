@@ -118,22 +118,36 @@ def test_zero_gradients_at_init_come_only_from_zero_initialised_layers():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_inference_returns_instances_inside_output_size(variant):
+def test_inference_returns_instances_rescaled_to_the_output_size(variant):
+    """The detections are the top-k (query, class) sigmoid scores, their normalised boxes scaled to
+    the unpadded input, clipped, then scaled to the requested output size (here twice the input),
+    empty boxes dropped: recomputed here from the raw outputs, by the formula."""
     torch.manual_seed(0)
     model = instantiate(tiny_model_config(variant))
     model.eval()
     batch = make_batch()
     with torch.no_grad():
         results = model(batch)
+        images, mask = model.preprocess_image(batch)
+        outputs = model.forward_outputs(images.tensor, mask)
     assert len(results) == len(batch)
-    for result, item in zip(results, batch):
+    num_classes = model.num_classes
+    for index, (result, item) in enumerate(zip(results, batch)):
         instances = result["instances"]
         assert instances.image_size == (item["height"], item["width"])
-        assert 0 < len(instances) <= model.select_topk
-        boxes = instances.pred_boxes.tensor
-        assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= item["width"]).all()
-        assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= item["height"]).all()
-        assert ((instances.pred_classes >= 0) & (instances.pred_classes < model.num_classes)).all()
+        input_height, input_width = item["image"].shape[1:]
+        scores, flat = outputs["pred_logits"][index].sigmoid().flatten().topk(model.select_topk)
+        cx, cy, w, h = outputs["pred_boxes"][index, flat // num_classes].unbind(-1)
+        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+        boxes = boxes * torch.tensor([input_width, input_height, input_width, input_height])
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, input_width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, input_height)
+        boxes = boxes * torch.tensor([item["width"] / input_width, item["height"] / input_height] * 2)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        assert 0 < len(instances) == int(keep.sum())
+        torch.testing.assert_close(instances.pred_boxes.tensor, boxes[keep], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(instances.scores, scores[keep])
+        assert torch.equal(instances.pred_classes, (flat % num_classes)[keep])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
