@@ -265,3 +265,49 @@ def test_per_layer_and_proposal_heads_start_as_copies_of_one_head(variant):
         assert binary.proposal_class_embed.weight.shape == (1, 64)
         torch.testing.assert_close(binary.proposal_class_embed.weight, binary.class_embed[0].weight[:1])
         torch.testing.assert_close(binary.proposal_class_embed.bias, binary.class_embed[0].bias[:1])
+
+
+def test_two_stage_with_fewer_encoder_pixels_than_queries():
+    """A 40 x 48 image gives 5*6 + 3*3 + 2*2 + 1*1 = 44 encoder pixels for 60 queries: every pixel
+    becomes a proposal (the authors' top-k would fail), training and inference work."""
+    torch.manual_seed(0)
+    config = tiny_model_config("two_stage")
+    config.num_queries = 60
+    model = instantiate(config)
+    generator = torch.Generator().manual_seed(3)
+    batch = [make_input(40, 48, 2, generator)]
+    images, mask = model.preprocess_image(batch)
+    outputs = model.forward_outputs(images.tensor, mask)
+    num_pixels = sum(f.shape[-2] * f.shape[-1] for f in model.backbone(images.tensor).values())
+    assert num_pixels == 44 < model.num_queries
+    assert outputs["pred_logits"].shape == (1, num_pixels, model.num_classes)
+    assert outputs["enc_outputs"]["pred_logits"].shape[1] == num_pixels
+    model.train()
+    losses = model(batch)
+    assert all(torch.isfinite(loss) for loss in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        (result,) = model(batch)
+    assert 0 < len(result["instances"]) <= model.select_topk
+
+
+def test_bgr_input_gives_the_rgb_result():
+    """input_format="BGR" with the statistics in BGR order: the same detections for the same
+    picture given in BGR (the backbone always sees RGB)."""
+    torch.manual_seed(0)
+    rgb_model = instantiate(tiny_model_config("multi_scale")).eval()
+    config = tiny_model_config("multi_scale")
+    config.input_format = "BGR"
+    config.pixel_mean = list(reversed(rgb_model.pixel_mean.flatten().tolist()))
+    config.pixel_std = list(reversed(rgb_model.pixel_std.flatten().tolist()))
+    bgr_model = instantiate(config).eval()
+    bgr_model.load_state_dict(rgb_model.state_dict())
+    item = make_batch()[0]
+    with torch.no_grad():
+        (rgb,) = rgb_model([{"image": item["image"]}])
+        (bgr,) = bgr_model([{"image": item["image"].flip(0)}])
+        (unflipped,) = bgr_model([{"image": item["image"]}])
+    torch.testing.assert_close(bgr["instances"].pred_boxes.tensor, rgb["instances"].pred_boxes.tensor)
+    torch.testing.assert_close(bgr["instances"].scores, rgb["instances"].scores)
+    assert not torch.allclose(unflipped["instances"].scores, rgb["instances"].scores)
