@@ -1,6 +1,7 @@
 """The yacs route (deformable_family.config + detectron2's build_model) builds the same
 DeformableDETR as the LazyConfigs: same modules and sizes at the defaults, same initial weights
 and outputs with the same seed."""
+
 import os
 
 import pytest
@@ -32,16 +33,26 @@ SMALL_LAZY = [
     "model.num_queries=10",
 ]
 SMALL_YACS = [
-    "MODEL.RESNETS.DEPTH", 18,
-    "MODEL.MULTISCALE_RESNET.OUT_CHANNELS", 64,
-    "MODEL.DEFORMABLE_DETR.HIDDEN_DIM", 64,
-    "MODEL.DEFORMABLE_DETR.ENC_LAYERS", 2,
-    "MODEL.DEFORMABLE_DETR.DEC_LAYERS", 2,
-    "MODEL.DEFORMABLE_DETR.DIM_FEEDFORWARD", 128,
-    "MODEL.DEFORMABLE_DETR.NHEADS", 4,
-    "MODEL.DEFORMABLE_DETR.ENC_N_POINTS", 2,
-    "MODEL.DEFORMABLE_DETR.DEC_N_POINTS", 2,
-    "MODEL.DEFORMABLE_DETR.NUM_QUERIES", 10,
+    "MODEL.RESNETS.DEPTH",
+    18,
+    "MODEL.MULTISCALE_RESNET.OUT_CHANNELS",
+    64,
+    "MODEL.DEFORMABLE_DETR.HIDDEN_DIM",
+    64,
+    "MODEL.DEFORMABLE_DETR.ENC_LAYERS",
+    2,
+    "MODEL.DEFORMABLE_DETR.DEC_LAYERS",
+    2,
+    "MODEL.DEFORMABLE_DETR.DIM_FEEDFORWARD",
+    128,
+    "MODEL.DEFORMABLE_DETR.NHEADS",
+    4,
+    "MODEL.DEFORMABLE_DETR.ENC_N_POINTS",
+    2,
+    "MODEL.DEFORMABLE_DETR.DEC_N_POINTS",
+    2,
+    "MODEL.DEFORMABLE_DETR.NUM_QUERIES",
+    10,
 ]
 
 
@@ -65,7 +76,15 @@ def lazy_model_config(variant: str, small: bool = False):
 
 
 def _same_attributes(a: DeformableDETR, b: DeformableDETR) -> None:
-    for name in ("num_classes", "num_queries", "with_box_refine", "two_stage", "aux_loss", "input_format", "select_topk"):
+    for name in (
+        "num_classes",
+        "num_queries",
+        "with_box_refine",
+        "two_stage",
+        "aux_loss",
+        "input_format",
+        "select_topk",
+    ):
         assert getattr(a, name) == getattr(b, name), name
     if not a.pixel_mean.is_meta:
         assert torch.equal(a.pixel_mean, b.pixel_mean) and torch.equal(a.pixel_std, b.pixel_std)

@@ -19,6 +19,7 @@ test compares them). detectron2's own defaults that differ from the LazyConfig a
 on the 0-255 scale), ``INPUT.FORMAT`` ("RGB"), ``MODEL.META_ARCHITECTURE`` and
 ``MODEL.BACKBONE.NAME``.
 """
+
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_deformable_detr_config", "add_multiscale_resnet_config"]

@@ -123,7 +123,9 @@ def test_converted_fits_the_config_and_keeps_every_tensor_once(variant, layout):
         for kind in ("weight", "bias"):
             ours = converted[f"class_embed.{i}.{kind}"]
             expected = ids[f"class_embed.{i}.{kind}"] * 1000.0 + rows
-            torch.testing.assert_close(ours, expected.view(-1, *[1] * (ours.dim() - 1)).expand_as(ours))
+            torch.testing.assert_close(
+                ours, expected.view(-1, *[1] * (ours.dim() - 1)).expand_as(ours)
+            )
     if variant == "two_stage":
         # The proposal head is their last class head, its rows kept in order (only row 0 is used).
         proposal = converted["proposal_class_embed.weight"]
@@ -160,7 +162,10 @@ def test_converted_fits_the_config_and_keeps_every_tensor_once(variant, layout):
     last_box = f"bbox_embed.{num_layers - 1 if refine else 0}.layers.2.bias"
     assert _id_of(converted[last_box]) == ids[last_box]
     if variant == "two_stage":
-        assert _id_of(converted["proposal_bbox_embed.layers.2.bias"]) == ids["bbox_embed.6.layers.2.bias"]
+        assert (
+            _id_of(converted["proposal_bbox_embed.layers.2.bias"])
+            == ids["bbox_embed.6.layers.2.bias"]
+        )
 
 
 def test_full_width_class_heads_keep_their_rows():

@@ -1,4 +1,5 @@
 """Dataset mapper of the DETR family: detectron2's ``DatasetMapper`` with what DETR needs."""
+
 import logging
 from collections import abc
 from typing import Any, Dict, Sequence
@@ -55,7 +56,9 @@ class DetrDatasetMapper(DatasetMapper):
     ``gt_classes`` (n,) int64.
     """
 
-    def __init__(self, is_train: bool, augmentations: Sequence[T.Augmentation], image_format: str = "RGB"):
+    def __init__(
+        self, is_train: bool, augmentations: Sequence[T.Augmentation], image_format: str = "RGB"
+    ):
         """
         Args:
             is_train: whether annotations are mapped (and kept) for training.
@@ -63,14 +66,20 @@ class DetrDatasetMapper(DatasetMapper):
             image_format: format given to detectron2's ``read_image`` ("RGB" for the DETR family).
         """
         if not isinstance(augmentations, abc.Sequence) or isinstance(augmentations, str):
-            raise TypeError(f"DetrDatasetMapper: augmentations must be a list, got {type(augmentations).__name__}")
-        super().__init__(bool(is_train), augmentations=list(augmentations), image_format=image_format)
+            raise TypeError(
+                f"DetrDatasetMapper: augmentations must be a list, got {type(augmentations).__name__}"
+            )
+        super().__init__(
+            bool(is_train), augmentations=list(augmentations), image_format=image_format
+        )
         self.num_boxes_seen = 0
         self.num_boxes_emptied = 0
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         if "file_name" not in dataset_dict:
-            raise ValueError(f"DetrDatasetMapper: dataset dict has no 'file_name' field: {sorted(dataset_dict)}")
+            raise ValueError(
+                f"DetrDatasetMapper: dataset dict has no 'file_name' field: {sorted(dataset_dict)}"
+            )
         file_name = dataset_dict["file_name"]
         try:
             return super().__call__(dataset_dict)
