@@ -82,7 +82,6 @@ def tiny_dsct_config(caer=False):
     model = cfg.model
     model.backbone.depth = 18
     model.transformer.d_model = 64
-    model.position_embedding.num_pos_feats = 32
     for part in (model.transformer.encoder, model.transformer.decoder):
         part.num_layers = 2
         part.d_ffn = 128
@@ -222,7 +221,6 @@ def test_coco_initialisation_loads_all_but_the_subject_queries_and_heads(tmp_pat
     # Tiny, real tensors, through detectron2's checkpointer as train.init_checkpoint is loaded.
     detr_cfg.model.backbone.depth = 18
     detr_cfg.model.transformer.d_model = 64
-    detr_cfg.model.position_embedding.num_pos_feats = 32
     for part in (detr_cfg.model.transformer.encoder, detr_cfg.model.transformer.decoder):
         part.num_layers, part.d_ffn, part.n_heads, part.n_points = 2, 128, 4, 2
     detr_cfg.model.num_queries = 10

@@ -154,7 +154,6 @@ def tiny_dsct(overrides=()):
             "model.backbone.norm=BN",
             "model.backbone.freeze_at=0",
             "model.transformer.d_model=32",
-            "model.position_embedding.num_pos_feats=16",
             "model.transformer.encoder.num_layers=1",
             "model.transformer.decoder.num_layers=2",
             "model.transformer.encoder.d_ffn=64",
