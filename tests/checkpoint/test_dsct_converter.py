@@ -18,52 +18,43 @@ from deformable_family.checkpoint import (
     load_official_checkpoint,
 )
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.join(HERE, "..", "..")
 sys.path.insert(0, HERE)
-from test_deformable_detr_converter import official_state_dict  # noqa: E402
+from test_deformable_detr_converter import manifest_state_dict  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import convert_official_dsct as convert_tool  # noqa: E402
 
-TINY = dict(
-    depth=18,
-    d_model=64,
-    d_ffn=128,
-    n_heads=4,
-    n_points=2,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-)
+D_MODEL = 256
 
 
-def official_dsct_checkpoint(num_logits=27, num_subject_queries=4, num_context_queries=10):
-    """The authors' DSCT layout: a plain Deformable DETR's keys, their detection heads replaced by
-    class_embed_dsct / bbox_embed_dsct (one module repeated per decoder layer) and query_embed_dsct.
-    """
-    state = official_state_dict("multi_scale", num_queries=num_context_queries, **TINY)["model"]
+def official_dsct_checkpoint(num_logits=27, num_subject_queries=4):
+    """The authors' DSCT layout (reference: 562 keys): their plain multi-scale R50 Deformable DETR's
+    keys (the committed manifest, each tensor a distinct constant) with the detection heads replaced
+    by class_embed_dsct / bbox_embed_dsct (one module repeated for the 6 layers) and
+    query_embed_dsct; saved as their training checkpoints are."""
+    state = manifest_state_dict("multi_scale")["model"]
     for key in [k for k in state if k.startswith(("class_embed.", "bbox_embed."))]:
         del state[key]
-    d_model = TINY["d_model"]
     head = {
-        "class_embed_dsct.0.weight": torch.randn(num_logits, d_model),
+        "class_embed_dsct.0.weight": torch.randn(num_logits, D_MODEL),
         "class_embed_dsct.0.bias": torch.randn(num_logits),
-        "bbox_embed_dsct.0.layers.0.weight": torch.randn(d_model, d_model),
-        "bbox_embed_dsct.0.layers.0.bias": torch.randn(d_model),
-        "bbox_embed_dsct.0.layers.1.weight": torch.randn(d_model, d_model),
-        "bbox_embed_dsct.0.layers.1.bias": torch.randn(d_model),
-        "bbox_embed_dsct.0.layers.2.weight": torch.randn(4, d_model),
+        "bbox_embed_dsct.0.layers.0.weight": torch.randn(D_MODEL, D_MODEL),
+        "bbox_embed_dsct.0.layers.0.bias": torch.randn(D_MODEL),
+        "bbox_embed_dsct.0.layers.1.weight": torch.randn(D_MODEL, D_MODEL),
+        "bbox_embed_dsct.0.layers.1.bias": torch.randn(D_MODEL),
+        "bbox_embed_dsct.0.layers.2.weight": torch.randn(4, D_MODEL),
         "bbox_embed_dsct.0.layers.2.bias": torch.randn(4),
     }
-    for layer in range(TINY["num_decoder_layers"]):
+    for layer in range(6):
         for key, value in head.items():
-            state[key.replace(".0.", f".{layer}.", 1)] = (
-                value  # the same tensor, as nn.ModuleList([h] * 6)
-            )
-    state["query_embed_dsct.weight"] = torch.randn(num_subject_queries, 2 * d_model)
+            # the same tensor for every layer, as nn.ModuleList([head] * 6)
+            state[key.replace(".0.", f".{layer}.", 1)] = value
+    state["query_embed_dsct.weight"] = torch.randn(num_subject_queries, 2 * D_MODEL)
     args = argparse.Namespace(
-        dec_n_sp=5,
-        dec_n_sm=3,
+        dec_n_sp=100 if num_logits == 27 else 0,
+        dec_n_sm=50 if num_logits == 27 else 0,
         num_queries=num_subject_queries,
         lr=2e-4,
         lr_backbone_names=["backbone.0"],
@@ -77,7 +68,15 @@ def official_dsct_checkpoint(num_logits=27, num_subject_queries=4, num_context_q
     }
 
 
-def tiny_dsct_config(caer=False):
+def full_dsct(caer=False, overrides=()):
+    name = "dsct_r50_caer_s_50ep.py" if caer else "dsct_r50_emotic_50ep.py"
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "dsct", name))
+    cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+    with torch.device("meta"):
+        return instantiate(cfg.model)
+
+
+def tiny_dsct_config():
     cfg = LazyConfig.load(os.path.join(REPO, "configs", "common", "models", "dsct.py"))
     model = cfg.model
     model.backbone.depth = 18
@@ -90,46 +89,36 @@ def tiny_dsct_config(caer=False):
     model.num_context_queries = 10
     model.transformer.decoder.post_cross_attn.num_spatial = 5
     model.transformer.decoder.post_cross_attn.num_semantic = 3
-    if caer:
-        model.num_emotions = 7
-        model.num_subject_queries = 9
-        model.multi_label = False
-        model.criterion.num_classes = 8
     return cfg
 
 
-def test_converts_the_authors_keys_and_loads_strictly():
+def test_converts_the_authors_keys_and_fits_the_configs():
     checkpoint = official_dsct_checkpoint()
     official = checkpoint["model"]
+    assert len(official) == 562
     converted, variant = convert_official_dsct_state_dict(checkpoint)
     assert (variant.dataset, variant.num_emotions, variant.num_subject_queries) == ("emotic", 26, 4)
-    assert (variant.num_spatial, variant.num_semantic) == (5, 3)
-    model = instantiate(tiny_dsct_config().model)
-    check_fits_model(converted, model)
-    model.load_state_dict(converted, strict=True)
-    torch.testing.assert_close(
-        model.subject_query_embed.weight, official["query_embed_dsct.weight"]
-    )
-    torch.testing.assert_close(model.query_embed.weight, official["query_embed.weight"])
-    torch.testing.assert_close(model.subject_class_embed.bias, official["class_embed_dsct.1.bias"])
-    torch.testing.assert_close(
-        model.subject_bbox_embed.layers[2].weight, official["bbox_embed_dsct.0.layers.2.weight"]
-    )
-    torch.testing.assert_close(
-        model.transformer.decoder.layers[1].self_attn_norm.weight,
-        official["transformer.decoder.layers.1.norm2.weight"],
-    )
-    torch.testing.assert_close(
-        model.backbone.body.stem.conv1.weight, official["backbone.0.body.conv1.weight"]
-    )
+    assert (variant.num_spatial, variant.num_semantic) == (100, 50)
+    check_fits_model(converted, full_dsct())
+    assert len(converted) == 522
+    pairs = {
+        "subject_query_embed.weight": "query_embed_dsct.weight",
+        "query_embed.weight": "query_embed.weight",
+        "subject_class_embed.bias": "class_embed_dsct.3.bias",
+        "subject_bbox_embed.layers.2.weight": "bbox_embed_dsct.0.layers.2.weight",
+        "transformer.decoder.layers.1.self_attn_norm.weight": "transformer.decoder.layers.1.norm2.weight",
+        "transformer.decoder.layers.4.cross_attn_norm.bias": "transformer.decoder.layers.4.norm1.bias",
+        "backbone.body.stem.conv1.weight": "backbone.0.body.conv1.weight",
+        "backbone.body.res3.0.shortcut.norm.running_var": "backbone.0.body.layer2.0.downsample.1.running_var",
+        "backbone.input_proj.3.0.weight": "input_proj.3.0.weight",
+    }
+    for ours, theirs in pairs.items():
+        torch.testing.assert_close(converted[ours], official[theirs])
     caer = official_dsct_checkpoint(num_logits=8, num_subject_queries=9)
     caer_converted, caer_variant = convert_official_dsct_state_dict(caer)
-    assert (caer_variant.dataset, caer_variant.num_emotions, caer_variant.num_subject_queries) == (
-        "caer_s",
-        7,
-        9,
-    )
-    instantiate(tiny_dsct_config(caer=True).model).load_state_dict(caer_converted, strict=True)
+    assert (caer_variant.dataset, caer_variant.num_emotions) == ("caer_s", 7)
+    assert (caer_variant.num_subject_queries, caer_variant.num_spatial) == (9, 0)
+    check_fits_model(caer_converted, full_dsct(caer=True))
 
 
 def test_refuses_checkpoints_that_do_not_fit():
@@ -149,25 +138,24 @@ def test_refuses_checkpoints_that_do_not_fit():
         ValueError, match="class_embed_dsct.1.bias differs from class_embed_dsct.0.bias"
     ):
         convert_official_dsct_state_dict(checkpoint)
-    checkpoint = official_dsct_checkpoint(num_logits=91)
     with pytest.raises(ValueError, match="class_embed_dsct has 91 rows"):
-        detect_dsct_variant(checkpoint)
-    # The converted dict against a model of other sizes: every missing/unexpected key is named.
+        detect_dsct_variant(official_dsct_checkpoint(num_logits=91))
+    # Against a model of other sizes every missing/unexpected/mis-shaped key is named.
     converted, _ = convert_official_dsct_state_dict(official_dsct_checkpoint(num_subject_queries=5))
-    model = instantiate(tiny_dsct_config().model)
     del converted["subject_class_embed.bias"]
     with pytest.raises(
         ValueError,
-        match=r"missing 1 \['subject_class_embed.bias'\].*subject_query_embed.weight: checkpoint \(5, 128\) vs model \(4, 128\)",
+        match=r"missing 1 \['subject_class_embed.bias'\].*subject_query_embed.weight: "
+        r"checkpoint \(5, 512\) vs model \(4, 512\)",
     ):
-        check_fits_model(converted, model)
+        check_fits_model(converted, full_dsct())
 
 
 def test_reads_training_checkpoints_without_running_code(tmp_path):
     path = str(tmp_path / "checkpoint0049.pth")
     torch.save(official_dsct_checkpoint(), path)
     loaded = load_official_checkpoint(path)
-    assert isinstance(loaded["args"], argparse.Namespace) and loaded["args"].dec_n_sp == 5
+    assert isinstance(loaded["args"], argparse.Namespace) and loaded["args"].dec_n_sp == 100
     unsafe = official_dsct_checkpoint()
     unsafe["args"] = datetime.date(2024, 1, 1)  # any class other than argparse.Namespace is refused
     torch.save(unsafe, str(tmp_path / "unsafe.pth"))
@@ -178,17 +166,12 @@ def test_reads_training_checkpoints_without_running_code(tmp_path):
 def test_tool_end_to_end(tmp_path, capsys):
     path, out = str(tmp_path / "checkpoint0049.pth"), str(tmp_path / "converted.pth")
     torch.save(official_dsct_checkpoint(num_subject_queries=6), path)
-    config = tmp_path / "tiny_dsct.py"
-    config.write_text(
-        "import sys\nsys.path.insert(0, %r)\nfrom test_dsct_converter import tiny_dsct_config\nmodel = tiny_dsct_config().model\n"
-        % HERE
-    )
-    assert convert_tool.main([path, out, "--config-file", str(config)]) == 0
+    assert convert_tool.main([path, out]) == 0
     printed = capsys.readouterr().out
-    assert "Detected DSCT on emotic" in printed
+    assert "Detected DSCT on emotic" in printed and "dsct_r50_emotic_50ep.py" in printed
     assert "model.num_subject_queries=6" in printed
     converted = torch.load(out, weights_only=True)["model"]
-    assert converted["subject_query_embed.weight"].shape == (6, 128)
+    assert converted["subject_query_embed.weight"].shape == (6, 512) and len(converted) == 522
 
 
 def test_coco_initialisation_loads_all_but_the_subject_queries_and_heads(tmp_path, caplog):
