@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ms_deform_attn_op import ms_deform_attn
+from .ms_deform_attn_op import check_attn_backend, ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):
@@ -18,17 +18,28 @@ class MSDeformAttn(nn.Module):
     the query by Linear layers. ``W'_m`` is ``value_proj``, ``W_m`` is ``output_proj``.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        attn_backend: str = "extension",
+    ):
         """
         Args:
             d_model: channels of queries and values; must be divisible by ``n_heads``.
             n_levels: number of feature levels L.
             n_heads: number of heads M.
             n_points: sampling points K per head and level.
+            attn_backend: the ``backend`` of :func:`ms_deform_attn` that samples: ``"extension"``
+                (the compiled CPU/CUDA kernels) or ``"triton"`` (the Triton kernels).
         """
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        check_attn_backend(attn_backend, "MSDeformAttn: attn_backend")
+        self.attn_backend = attn_backend
         self.d_model = d_model
         self.n_levels = n_levels
         self.n_heads = n_heads
@@ -118,6 +129,11 @@ class MSDeformAttn(nn.Module):
                 f"reference_points must end with 2 or 4 coordinates, got {tuple(reference_points.shape)}"
             )
         output = ms_deform_attn(
-            value, spatial_shapes, level_start_index, sampling_locations, weights
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            weights,
+            backend=self.attn_backend,
         )
         return self.output_proj(output)

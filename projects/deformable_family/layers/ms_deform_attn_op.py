@@ -21,7 +21,18 @@ except ImportError as e:  # the extension was not built
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["ms_deform_attn", "compiled_kernels", "check_ms_deform_attn_inputs"]
+__all__ = [
+    "ms_deform_attn",
+    "compiled_kernels",
+    "check_ms_deform_attn_inputs",
+    "ATTN_BACKENDS",
+    "check_attn_backend",
+]
+
+# Implementations of the op: "extension", the kernels of deformable_family._C (C++ on CPU, CUDA on
+# GPU; the default); "triton", those of ms_deform_attn_triton (CUDA tensors; CPU tensors only in
+# Triton's interpreter).
+ATTN_BACKENDS = ("extension", "triton")
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _warned_fallback = set()
@@ -144,6 +155,12 @@ def _check_levels(
         )
 
 
+def check_attn_backend(backend: str, name: str = "ms_deform_attn: backend") -> None:
+    """Raises ValueError naming ``name`` when ``backend`` is not one of :data:`ATTN_BACKENDS`."""
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"{name} must be one of {ATTN_BACKENDS}, got {backend!r}")
+
+
 def _warn_fallback_once(reason: str) -> None:
     if reason not in _warned_fallback:
         _warned_fallback.add(reason)
@@ -162,12 +179,14 @@ def ms_deform_attn(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    backend: str = "extension",
 ) -> torch.Tensor:
     """Multi-scale deformable sampling (Deformable DETR, Eq. 3): for each query and head, the sum
     over levels and points of attention weight times the bilinearly sampled value.
 
     Runs the compiled kernel for the tensors' device; when the extension (or its kernel for that
-    device) is missing, warns once and runs :func:`ms_deform_attn_reference`.
+    device) is missing, warns once and runs :func:`ms_deform_attn_reference`. With
+    ``backend="triton"`` it runs :func:`ms_deform_attn_triton` instead (same semantics).
 
     Args:
         value: (N, S, M, D) float, S = sum of H_l * W_l, levels flattened row-major in level order.
@@ -176,6 +195,8 @@ def ms_deform_attn(
         sampling_locations: (N, Lq, M, L, P, 2) normalised (x, y): (0, 0) is the top-left corner of the
             top-left pixel, (1, 1) the bottom-right corner of the bottom-right pixel.
         attention_weights: (N, Lq, M, L, P); need not sum to one.
+        backend: ``"extension"`` (the compiled kernels, default) or ``"triton"`` (CUDA tensors; CPU
+            tensors only in Triton's interpreter, ``TRITON_INTERPRET=1``).
 
     Returns:
         (N, Lq, M * D). Bilinear sampling with zero padding (``grid_sample``, ``align_corners=False``):
@@ -183,6 +204,7 @@ def ms_deform_attn(
         (the inputs are cast to float32 first), else the dtype of the inputs.
     """
     _check_are_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    check_attn_backend(backend)
     device_type = value.device.type
     if torch.is_autocast_enabled(device_type):
         # Under autocast the inputs arrive in mixed precision (a float16 value projection, float32
@@ -190,6 +212,12 @@ def ms_deform_attn(
         # in float32; outside autocast mixed dtypes are an error.
         value, sampling_locations, attention_weights = (
             t.float() if t.is_floating_point() else t for t in (value, sampling_locations, attention_weights)
+        )
+    if backend == "triton":
+        from .ms_deform_attn_triton import ms_deform_attn_triton  # imports this module
+
+        return ms_deform_attn_triton(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
     check_ms_deform_attn_inputs(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, check_levels=False

@@ -158,9 +158,11 @@ class DeformableEncoderLayer(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        attn_backend: str = "extension",
     ):
+        """``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton"."""
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_backend)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
@@ -199,10 +201,14 @@ class DeformableEncoder(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        attn_backend: str = "extension",
     ):
+        """``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton"."""
         super().__init__()
         self.layers = nn.ModuleList(
-            DeformableEncoderLayer(d_model, d_ffn, dropout, n_levels, n_heads, n_points)
+            DeformableEncoderLayer(
+                d_model, d_ffn, dropout, n_levels, n_heads, n_points, attn_backend
+            )
             for _ in range(num_layers)
         )
 
@@ -233,12 +239,14 @@ class DeformableDecoderLayer(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        attn_backend: str = "extension",
     ):
+        """``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton"."""
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout)
         self.self_attn_dropout = nn.Dropout(dropout)
         self.self_attn_norm = nn.LayerNorm(d_model)
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_backend)
         self.cross_attn_dropout = nn.Dropout(dropout)
         self.cross_attn_norm = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
@@ -296,11 +304,15 @@ class DeformableDecoder(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        attn_backend: str = "extension",
     ):
+        """``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton"."""
         super().__init__()
         self.num_layers = num_layers
         self.layers = nn.ModuleList(
-            DeformableDecoderLayer(d_model, d_ffn, dropout, n_levels, n_heads, n_points)
+            DeformableDecoderLayer(
+                d_model, d_ffn, dropout, n_levels, n_heads, n_points, attn_backend
+            )
             for _ in range(num_layers)
         )
 
