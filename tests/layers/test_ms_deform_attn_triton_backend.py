@@ -1,0 +1,133 @@
+"""The Triton backend of ms_deform_attn without a GPU: its kernel tests run in Triton's interpreter in a
+subprocess, and the backend choice (argument, MSDeformAttn, config) is checked here.
+
+triton 3.x reads TRITON_INTERPRET when a kernel is defined (in ``triton.jit``), so the interpreter
+cannot be switched on reliably inside a process that may already have defined the kernels: the kernel
+tests (test_ms_deform_attn_triton.py) run in a fresh Python process with TRITON_INTERPRET=1.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deformable_family.layers import MSDeformAttn, ms_deform_attn, ms_deform_attn_triton
+from deformable_family.layers.ms_deform_attn_op import ATTN_BACKENDS
+from deformable_family.modeling.deformable_detr import DeformableDecoder, DeformableEncoder
+
+if __package__:
+    from .test_ms_deform_attn import make_inputs
+else:
+    from test_ms_deform_attn import make_inputs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+KERNEL_TESTS = os.path.join(HERE, "test_ms_deform_attn_triton.py")
+
+
+def _triton_state():
+    """None when triton is missing, else whether the kernels run interpreted in this process."""
+    from deformable_family.layers.ms_deform_attn_triton import triton_interpreted
+
+    try:
+        return triton_interpreted()
+    except RuntimeError:
+        return None
+
+
+requires_triton = pytest.mark.skipif(_triton_state() is None, reason="triton is not installed")
+
+
+@requires_triton
+def test_kernels_match_reference_in_the_interpreter():
+    """Every test of test_ms_deform_attn_triton.py passes on CPU tensors in Triton's interpreter:
+    the forward and backward kernels against the reference, and MSDeformAttn switched by config."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", KERNEL_TESTS]
+    try:
+        # Under the suite's per-test limit (600 s), so a slow run fails here with its output.
+        result = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=540
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(
+            f"the interpreter tests did not finish in {e.timeout} s:\n{e.stdout}\n{e.stderr}"
+        )
+    output = result.stdout + result.stderr
+    summary = output.strip().splitlines()[-1] if output.strip() else ""
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-12000:]}"
+    passed = re.search(r"(\d+) passed", summary)
+    # A skip would mean the kernels did not run (no interpreter, no triton): not a pass.
+    assert passed and "skipped" not in summary and "deselected" not in summary, output[-4000:]
+
+
+@requires_triton
+@pytest.mark.skipif(_triton_state() is True, reason="Triton's interpreter is on in this process")
+def test_cpu_tensors_without_the_interpreter_point_at_ms_deform_attn():
+    inputs = make_inputs(1, [(3, 4)], 2, 4, 3, 2, dtype=torch.float32)
+    with pytest.raises(
+        RuntimeError, match="TRITON_INTERPRET=1.*deformable_family.layers.ms_deform_attn"
+    ):
+        ms_deform_attn_triton(*inputs)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ms_deform_attn(*inputs, backend="triton")
+
+
+def test_unknown_backends_are_rejected_by_name():
+    inputs = make_inputs(1, [(3, 4)], 2, 4, 3, 2, dtype=torch.float32)
+    assert ATTN_BACKENDS == ("extension", "triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ms_deform_attn(*inputs, backend="cuda")
+    with pytest.raises(
+        ValueError, match="MSDeformAttn: attn_backend must be one of .* got 'Triton'"
+    ):
+        MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=1, attn_backend="Triton")
+    with pytest.raises(ValueError, match="attn_backend"):
+        DeformableDecoder(
+            num_layers=1, d_model=8, d_ffn=8, n_levels=1, n_heads=2, attn_backend="cpp"
+        )
+
+
+def test_encoder_and_decoder_pass_the_backend_to_every_msdeformattn():
+    encoder = DeformableEncoder(
+        num_layers=2, d_model=8, d_ffn=8, n_levels=1, n_heads=2, attn_backend="triton"
+    )
+    decoder = DeformableDecoder(num_layers=2, d_model=8, d_ffn=8, n_levels=1, n_heads=2)
+    assert [m.attn_backend for m in encoder.modules() if isinstance(m, MSDeformAttn)] == [
+        "triton"
+    ] * 2
+    assert [m.attn_backend for m in decoder.modules() if isinstance(m, MSDeformAttn)] == [
+        "extension"
+    ] * 2
+
+
+def _quickstart_model(overrides):
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "quickstart", "deformable_detr_shapes.py"))
+    return cfg, instantiate(LazyConfig.apply_overrides(cfg, overrides).model)
+
+
+def test_config_selects_the_backend_per_stage():
+    """The config fields model.transformer.{encoder,decoder}.attn_backend (default "extension")
+    reach every MSDeformAttn of their stage; without a GPU and without the interpreter a model
+    configured for Triton fails at its first attention with the error naming the CPU path."""
+    cfg, model = _quickstart_model([])
+    assert cfg.model.transformer.encoder.attn_backend == "extension"
+    assert cfg.model.transformer.decoder.attn_backend == "extension"
+    assert {m.attn_backend for m in model.modules() if isinstance(m, MSDeformAttn)} == {"extension"}
+
+    _, model = _quickstart_model(["model.transformer.encoder.attn_backend=triton"])
+    assert [
+        m.attn_backend for m in model.transformer.encoder.modules() if isinstance(m, MSDeformAttn)
+    ] == ["triton"]
+    assert {
+        m.attn_backend for m in model.transformer.decoder.modules() if isinstance(m, MSDeformAttn)
+    } == {"extension"}
+    if _triton_state() is False and not torch.cuda.is_available():
+        images, mask = torch.zeros(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.bool)
+        with pytest.raises(RuntimeError, match="ms_deform_attn_triton: the inputs are cpu tensors"):
+            model.eval().forward_outputs(images, mask)
