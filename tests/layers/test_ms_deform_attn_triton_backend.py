@@ -6,6 +6,7 @@ cannot be switched on reliably inside a process that may already have defined th
 tests (test_ms_deform_attn_triton.py) run in a fresh Python process with TRITON_INTERPRET=1.
 """
 
+import importlib
 import os
 import re
 import subprocess
@@ -62,6 +63,64 @@ def test_kernels_match_reference_in_the_interpreter():
     passed = re.search(r"(\d+) passed", summary)
     # A skip would mean the kernels did not run (no interpreter, no triton): not a pass.
     assert passed and "skipped" not in summary and "deselected" not in summary, output[-4000:]
+
+
+# Element types of the kernels' pointer arguments: "value" and "location" stand for the dtypes of value
+# and of sampling_locations / attention_weights.
+POINTER_TYPES = {
+    "value_ptr": "value",
+    "output_ptr": "value",
+    "grad_output_ptr": "value",
+    "locations_ptr": "location",
+    "weights_ptr": "location",
+    "grad_locations_ptr": "location",
+    "grad_weights_ptr": "location",
+    "grad_value_ptr": "fp32",
+    "spatial_shapes_ptr": "i64",
+    "level_start_index_ptr": "i64",
+}
+
+
+@requires_triton
+@pytest.mark.skipif(_triton_state() is True, reason="Triton's interpreter is on in this process")
+@pytest.mark.parametrize(
+    "arch,value_type,location_type",
+    [(90, "fp32", "fp32"), (90, "bf16", "fp32"), (90, "fp16", "fp16"), (80, "fp32", "fp32")],
+)
+def test_kernels_compile_for_the_gpu(arch, value_type, location_type):
+    """Both kernels compile to a cubin for sm_80 / sm_90 without a GPU (Triton's own compiler and the
+    ptxas it ships): what the interpreter cannot check (typing, layouts, lowering). Arguments are
+    specialised as the launcher would for Deformable DETR (head_dim 32, aligned tensors)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    op = importlib.import_module("deformable_family.layers.ms_deform_attn_triton")
+    kernels = op._kernels()
+    head_dim = 32
+    types = {"value": value_type, "location": location_type}
+    for kernel, tile in (
+        (kernels.ms_deform_attn_forward_kernel, op._FORWARD_TILE),
+        (kernels.ms_deform_attn_backward_kernel, op._BACKWARD_TILE),
+    ):
+        block_q, block_d, _ = op._launch_shape(1000, head_dim, tile)
+        signature, attrs = {}, {}
+        for index, name in enumerate(kernel.arg_names):
+            if name in ("BLOCK_Q", "BLOCK_D"):
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                pointee = POINTER_TYPES[name]
+                signature[name] = "*" + types.get(pointee, pointee)
+                attrs[(index,)] = [["tt.divisibility", 16]]  # torch's allocations are aligned
+            else:
+                signature[name] = "i32"
+        attrs[(kernel.arg_names.index("head_dim"),)] = [["tt.divisibility", 16]]
+        source = ASTSource(
+            kernel, signature, constexprs={"BLOCK_Q": block_q, "BLOCK_D": block_d}, attrs=attrs
+        )
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+        name = kernel.fn.__name__
+        assert compiled.asm["cubin"] and f".entry {name}" in compiled.asm["ptx"], name
 
 
 @requires_triton

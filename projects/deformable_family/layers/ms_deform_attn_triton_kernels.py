@@ -13,7 +13,7 @@ import triton.language as tl
 def _bilinear_setup(x, y, height, width, valid):
     """Pixel coordinates and bilinear weights of samples at normalised (x, y) on an (H, W) map.
 
-    x, y: (BLOCK_Q,) float32; valid: (BLOCK_Q,) bool (query inside the tensor). Returns the row
+    x, y: (BLOCK_Q, 1) float32; valid: (BLOCK_Q, 1) bool (query inside the tensor). Returns the row
     and column of the top-left corner (int64), the fractional parts (ly, lx), and whether the
     sample touches the map and which corners lie inside it."""
     height_f = height.to(tl.float32)
@@ -78,12 +78,14 @@ def ms_deform_attn_forward_kernel(
     batch_head = (pid // num_query_blocks).to(tl.int64)
     batch = batch_head // num_heads
     head = batch_head % num_heads
-    queries = query_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    channels = tl.arange(0, BLOCK_D)
+    # Per-query values are (BLOCK_Q, 1) columns of the (BLOCK_Q, BLOCK_D) tile's layout, so they
+    # broadcast over the channels without a layout conversion.
+    queries = query_block * BLOCK_Q + tl.arange(0, BLOCK_Q)[:, None]
+    channels = tl.arange(0, BLOCK_D)[None, :]
     query_mask = queries < num_queries
-    channel_mask = channels[None, :] < head_dim
+    channel_mask = channels < head_dim
     # value[n, s, m, :] starts at ((n * S + s) * M + m) * D.
-    value_head = value_ptr + (batch * num_rows * num_heads + head) * head_dim + channels[None, :]
+    value_head = value_ptr + (batch * num_rows * num_heads + head) * head_dim + channels
     row_stride = num_heads * head_dim
     # (n, q, m) flattened: the output row, and the first of the L * P samples of the query and head.
     query_head = (batch * num_queries + queries) * num_heads + head
@@ -107,32 +109,32 @@ def ms_deform_attn_forward_kernel(
             hy = 1.0 - ly
             hx = 1.0 - lx
             v_tl = tl.load(
-                value_head + row_tl[:, None] * row_stride,
-                mask=tl_in[:, None] & channel_mask,
+                value_head + row_tl * row_stride,
+                mask=tl_in & channel_mask,
                 other=0.0,
             ).to(tl.float32)
             v_tr = tl.load(
-                value_head + row_tr[:, None] * row_stride,
-                mask=tr_in[:, None] & channel_mask,
+                value_head + row_tr * row_stride,
+                mask=tr_in & channel_mask,
                 other=0.0,
             ).to(tl.float32)
             v_bl = tl.load(
-                value_head + row_bl[:, None] * row_stride,
-                mask=bl_in[:, None] & channel_mask,
+                value_head + row_bl * row_stride,
+                mask=bl_in & channel_mask,
                 other=0.0,
             ).to(tl.float32)
             v_br = tl.load(
-                value_head + row_br[:, None] * row_stride,
-                mask=br_in[:, None] & channel_mask,
+                value_head + row_br * row_stride,
+                mask=br_in & channel_mask,
                 other=0.0,
             ).to(tl.float32)
             # Bilinear weights of the four corners, times the attention weight: once per sample.
-            acc += (weight * hy * hx)[:, None] * v_tl
-            acc += (weight * hy * lx)[:, None] * v_tr
-            acc += (weight * ly * hx)[:, None] * v_bl
-            acc += (weight * ly * lx)[:, None] * v_br
-    output = output_ptr + query_head[:, None] * head_dim + channels[None, :]
-    tl.store(output, acc.to(output_ptr.dtype.element_ty), mask=query_mask[:, None] & channel_mask)
+            acc += (weight * hy * hx) * v_tl
+            acc += (weight * hy * lx) * v_tr
+            acc += (weight * ly * hx) * v_bl
+            acc += (weight * ly * lx) * v_br
+    output = output_ptr + query_head * head_dim + channels
+    tl.store(output, acc.to(output_ptr.dtype.element_ty), mask=query_mask & channel_mask)
 
 
 @triton.jit
@@ -161,19 +163,21 @@ def ms_deform_attn_backward_kernel(
     batch_head = (pid // num_query_blocks).to(tl.int64)
     batch = batch_head // num_heads
     head = batch_head % num_heads
-    queries = query_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    channels = tl.arange(0, BLOCK_D)
+    # Per-query values are (BLOCK_Q, 1) columns of the (BLOCK_Q, BLOCK_D) tile's layout, so they
+    # broadcast over the channels without a layout conversion.
+    queries = query_block * BLOCK_Q + tl.arange(0, BLOCK_Q)[:, None]
+    channels = tl.arange(0, BLOCK_D)[None, :]
     query_mask = queries < num_queries
-    channel_mask = channels[None, :] < head_dim
-    head_offset = (batch * num_rows * num_heads + head) * head_dim + channels[None, :]
+    channel_mask = channels < head_dim
+    head_offset = (batch * num_rows * num_heads + head) * head_dim + channels
     value_head = value_ptr + head_offset
     grad_value_head = grad_value_ptr + head_offset
     row_stride = num_heads * head_dim
     query_head = (batch * num_queries + queries) * num_heads + head
     samples = num_levels * num_points
     grad_output = tl.load(
-        grad_output_ptr + query_head[:, None] * head_dim + channels[None, :],
-        mask=query_mask[:, None] & channel_mask,
+        grad_output_ptr + query_head * head_dim + channels,
+        mask=query_mask & channel_mask,
         other=0.0,
     ).to(tl.float32)
     for level in range(num_levels):
@@ -193,37 +197,24 @@ def ms_deform_attn_backward_kernel(
             )
             hy = 1.0 - ly
             hx = 1.0 - lx
-            mask_tl = tl_in[:, None] & channel_mask
-            mask_tr = tr_in[:, None] & channel_mask
-            mask_bl = bl_in[:, None] & channel_mask
-            mask_br = br_in[:, None] & channel_mask
-            v_tl = tl.load(value_head + row_tl[:, None] * row_stride, mask=mask_tl, other=0.0).to(
-                tl.float32
-            )
-            v_tr = tl.load(value_head + row_tr[:, None] * row_stride, mask=mask_tr, other=0.0).to(
-                tl.float32
-            )
-            v_bl = tl.load(value_head + row_bl[:, None] * row_stride, mask=mask_bl, other=0.0).to(
-                tl.float32
-            )
-            v_br = tl.load(value_head + row_br[:, None] * row_stride, mask=mask_br, other=0.0).to(
-                tl.float32
-            )
-            sampled = (
-                (hy * hx)[:, None] * v_tl
-                + (hy * lx)[:, None] * v_tr
-                + (ly * hx)[:, None] * v_bl
-                + (ly * lx)[:, None] * v_br
-            )
+            mask_tl = tl_in & channel_mask
+            mask_tr = tr_in & channel_mask
+            mask_bl = bl_in & channel_mask
+            mask_br = br_in & channel_mask
+            v_tl = tl.load(value_head + row_tl * row_stride, mask=mask_tl, other=0.0).to(tl.float32)
+            v_tr = tl.load(value_head + row_tr * row_stride, mask=mask_tr, other=0.0).to(tl.float32)
+            v_bl = tl.load(value_head + row_bl * row_stride, mask=mask_bl, other=0.0).to(tl.float32)
+            v_br = tl.load(value_head + row_br * row_stride, mask=mask_br, other=0.0).to(tl.float32)
+            sampled = (hy * hx) * v_tl + (hy * lx) * v_tr + (ly * hx) * v_bl + (ly * lx) * v_br
             # d out / d weight = <grad_output, sampled value>, a reduction over the channel vector.
-            grad_weight = tl.sum(grad_output * sampled, axis=1)
-            grad_sampled = grad_output * weight[:, None]
+            grad_weight = tl.sum(grad_output * sampled, axis=1, keep_dims=True)
+            grad_sampled = grad_output * weight
             # d sampled / d (w_im, h_im) from the bilinear formula; d w_im / d x = W, d h_im / d y = H.
             grad_w_im = tl.sum(
-                grad_sampled * (hy[:, None] * (v_tr - v_tl) + ly[:, None] * (v_br - v_bl)), axis=1
+                grad_sampled * (hy * (v_tr - v_tl) + ly * (v_br - v_bl)), axis=1, keep_dims=True
             )
             grad_h_im = tl.sum(
-                grad_sampled * (hx[:, None] * (v_bl - v_tl) + lx[:, None] * (v_br - v_tr)), axis=1
+                grad_sampled * (hx * (v_bl - v_tl) + lx * (v_br - v_tr)), axis=1, keep_dims=True
             )
             # A dropped sample has every corner masked: its gradients are exactly zero.
             grad_x = tl.where(inside, grad_w_im * width.to(tl.float32), 0.0)
@@ -239,22 +230,22 @@ def ms_deform_attn_backward_kernel(
             tl.store(grad_locations_ptr + 2 * sample + 1, grad_y.to(location_type), mask=query_mask)
             # d out / d value: scattered to the four corners; other programs add to the same rows.
             tl.atomic_add(
-                grad_value_head + row_tl[:, None] * row_stride,
-                (hy * hx)[:, None] * grad_sampled,
+                grad_value_head + row_tl * row_stride,
+                (hy * hx) * grad_sampled,
                 mask=mask_tl,
             )
             tl.atomic_add(
-                grad_value_head + row_tr[:, None] * row_stride,
-                (hy * lx)[:, None] * grad_sampled,
+                grad_value_head + row_tr * row_stride,
+                (hy * lx) * grad_sampled,
                 mask=mask_tr,
             )
             tl.atomic_add(
-                grad_value_head + row_bl[:, None] * row_stride,
-                (ly * hx)[:, None] * grad_sampled,
+                grad_value_head + row_bl * row_stride,
+                (ly * hx) * grad_sampled,
                 mask=mask_bl,
             )
             tl.atomic_add(
-                grad_value_head + row_br[:, None] * row_stride,
-                (ly * lx)[:, None] * grad_sampled,
+                grad_value_head + row_br * row_stride,
+                (ly * lx) * grad_sampled,
                 mask=mask_br,
             )
