@@ -151,16 +151,17 @@ def test_unknown_backends_are_rejected_by_name():
 
 
 def test_encoder_and_decoder_pass_the_backend_to_every_msdeformattn():
-    encoder = DeformableEncoder(
-        num_layers=2, d_model=8, d_ffn=8, n_levels=1, n_heads=2, attn_backend="triton"
-    )
-    decoder = DeformableDecoder(num_layers=2, d_model=8, d_ffn=8, n_levels=1, n_heads=2)
-    assert [m.attn_backend for m in encoder.modules() if isinstance(m, MSDeformAttn)] == [
-        "triton"
-    ] * 2
-    assert [m.attn_backend for m in decoder.modules() if isinstance(m, MSDeformAttn)] == [
-        "extension"
-    ] * 2
+    sizes = dict(num_layers=2, d_model=8, d_ffn=8, n_levels=1, n_heads=2)
+    for stage in (DeformableEncoder, DeformableDecoder):
+        for backend in ATTN_BACKENDS:
+            module = stage(**sizes, attn_backend=backend)
+            assert [m.attn_backend for m in module.modules() if isinstance(m, MSDeformAttn)] == [
+                backend
+            ] * 2
+        default = stage(**sizes)
+        assert [m.attn_backend for m in default.modules() if isinstance(m, MSDeformAttn)] == [
+            "extension"
+        ] * 2
 
 
 def _quickstart_model(overrides):
@@ -172,20 +173,20 @@ def _quickstart_model(overrides):
 
 def test_config_selects_the_backend_per_stage():
     """The config fields model.transformer.{encoder,decoder}.attn_backend (default "extension")
-    reach every MSDeformAttn of their stage; without a GPU and without the interpreter a model
-    configured for Triton fails at its first attention with the error naming the CPU path."""
+    reach every MSDeformAttn of their stage only; without a GPU and without the interpreter, a model
+    configured for Triton fails at its first Triton attention with the error naming the CPU path."""
     cfg, model = _quickstart_model([])
     assert cfg.model.transformer.encoder.attn_backend == "extension"
     assert cfg.model.transformer.decoder.attn_backend == "extension"
     assert {m.attn_backend for m in model.modules() if isinstance(m, MSDeformAttn)} == {"extension"}
 
-    _, model = _quickstart_model(["model.transformer.encoder.attn_backend=triton"])
-    assert [
-        m.attn_backend for m in model.transformer.encoder.modules() if isinstance(m, MSDeformAttn)
-    ] == ["triton"]
-    assert {
-        m.attn_backend for m in model.transformer.decoder.modules() if isinstance(m, MSDeformAttn)
-    } == {"extension"}
+    for stage, other in (("encoder", "decoder"), ("decoder", "encoder")):
+        _, model = _quickstart_model([f"model.transformer.{stage}.attn_backend=triton"])
+        chosen = getattr(model.transformer, stage).modules()
+        assert {m.attn_backend for m in chosen if isinstance(m, MSDeformAttn)} == {"triton"}
+        kept = getattr(model.transformer, other).modules()
+        assert {m.attn_backend for m in kept if isinstance(m, MSDeformAttn)} == {"extension"}
+    # model: the decoder samples with Triton, after an encoder on the compiled kernel.
     if _triton_state() is False and not torch.cuda.is_available():
         images, mask = torch.zeros(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.bool)
         with pytest.raises(RuntimeError, match="ms_deform_attn_triton: the inputs are cpu tensors"):
