@@ -210,6 +210,31 @@ def test_non_contiguous_inputs():
         torch.testing.assert_close(a, e, rtol=0, atol=1e-6)
 
 
+def test_backward_alerts_under_deterministic_algorithms(monkeypatch):
+    """Compiled, the value gradient's atomic adds make the backward non-deterministic: like torch's
+    own CUDA ops it raises under torch.use_deterministic_algorithms(True) and warns with warn_only.
+    (The interpreter runs programs in order, so there it is deterministic and silent.)"""
+    inputs = _to(make_inputs(1, [(4, 5)], 2, 4, 3, 2, dtype=torch.float32, seed=37))
+    value = inputs[0].clone().requires_grad_()
+    output = ms_deform_attn_triton(value, *inputs[1:])
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        if INTERPRETED:
+            torch.autograd.grad(output.sum(), value, retain_graph=True)  # silent
+        monkeypatch.setattr(triton_module, "triton_interpreted", lambda: False)  # as when compiled
+        with pytest.raises(
+            RuntimeError, match="ms_deform_attn_triton backward does not have a determ"
+        ):
+            torch.autograd.grad(output.sum(), value, retain_graph=True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="ms_deform_attn_triton backward"):
+            torch.autograd.grad(output.sum(), value, retain_graph=True)
+    finally:
+        torch.use_deterministic_algorithms(was_enabled, warn_only=was_warn_only)
+
+
 def test_same_validation_as_ms_deform_attn():
     value, spatial_shapes, level_start_index, locations, weights = _to(
         make_inputs(2, [(3, 4), (2, 2)], 2, 4, 3, 2, dtype=torch.float32)

@@ -29,6 +29,7 @@ get an error pointing at :func:`ms_deform_attn`, whose compiled CPU kernel is th
 
 import functools
 import importlib
+import warnings
 from types import ModuleType
 from typing import Tuple
 
@@ -77,6 +78,22 @@ def _check_runnable(device: torch.device) -> None:
         "TRITON_INTERPRET=1 in the environment before the first use of the Triton path in the process. "
         "For CPU tensors use deformable_family.layers.ms_deform_attn (the compiled CPU kernel)."
     )
+
+
+def _alert_not_deterministic() -> None:
+    """What torch's own non-deterministic CUDA ops do under ``torch.use_deterministic_algorithms``:
+    raise, or warn with ``warn_only=True``."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        "ms_deform_attn_triton backward does not have a deterministic implementation (the value "
+        "gradient is accumulated with atomic adds), but torch.use_deterministic_algorithms(True) is "
+        "set; the CPU kernel of ms_deform_attn is deterministic"
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(message)
 
 
 def _launch_shape(num_queries: int, head_dim: int, tile: int) -> Tuple[int, int, int]:
@@ -129,10 +146,8 @@ def _backward(
     grad_locations = torch.zeros_like(sampling_locations)
     grad_weights = torch.zeros_like(attention_weights)
     if batch * num_queries * num_heads * head_dim > 0:
-        if value.device.type == "cuda" and not triton_interpreted():
-            torch._C._alert_not_deterministic(
-                "ms_deform_attn_triton backward (the value gradient is accumulated with atomic adds)"
-            )
+        if not triton_interpreted():  # the interpreter runs the programs one after another
+            _alert_not_deterministic()
         block_q, block_d, num_query_blocks = _launch_shape(num_queries, head_dim, _BACKWARD_TILE)
         grid = (num_query_blocks * batch * num_heads,)
         _kernels().ms_deform_attn_backward_kernel[grid](
