@@ -27,6 +27,7 @@ triton). The tests run the kernels this way, every line of them, on the CPU. Wit
 get an error pointing at :func:`ms_deform_attn`, whose compiled CPU kernel is the CPU path.
 """
 
+import contextlib
 import functools
 import importlib
 import warnings
@@ -96,6 +97,11 @@ def _alert_not_deterministic() -> None:
         raise RuntimeError(message)
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' (they may be on another GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _launch_shape(num_queries: int, head_dim: int, tile: int) -> Tuple[int, int, int]:
     """(BLOCK_Q, BLOCK_D, number of query blocks): the head's channels are one power-of-two vector,
     as many queries as fill the tile."""
@@ -115,23 +121,24 @@ def _forward(
         return output.view(batch, num_queries, num_heads * head_dim)
     block_q, block_d, num_query_blocks = _launch_shape(num_queries, head_dim, _FORWARD_TILE)
     grid = (num_query_blocks * batch * num_heads,)
-    _kernels().ms_deform_attn_forward_kernel[grid](
-        value,
-        spatial_shapes,
-        level_start_index,
-        sampling_locations,
-        attention_weights,
-        output,
-        num_rows,
-        num_queries,
-        num_heads,
-        num_levels,
-        num_points,
-        head_dim,
-        num_query_blocks,
-        BLOCK_Q=block_q,
-        BLOCK_D=block_d,
-    )
+    with _on_device(value.device):
+        _kernels().ms_deform_attn_forward_kernel[grid](
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            output,
+            num_rows,
+            num_queries,
+            num_heads,
+            num_levels,
+            num_points,
+            head_dim,
+            num_query_blocks,
+            BLOCK_Q=block_q,
+            BLOCK_D=block_d,
+        )
     return output.view(batch, num_queries, num_heads * head_dim)
 
 
@@ -150,26 +157,27 @@ def _backward(
             _alert_not_deterministic()
         block_q, block_d, num_query_blocks = _launch_shape(num_queries, head_dim, _BACKWARD_TILE)
         grid = (num_query_blocks * batch * num_heads,)
-        _kernels().ms_deform_attn_backward_kernel[grid](
-            value,
-            spatial_shapes,
-            level_start_index,
-            sampling_locations,
-            attention_weights,
-            grad_output,
-            grad_value,
-            grad_locations,
-            grad_weights,
-            num_rows,
-            num_queries,
-            num_heads,
-            num_levels,
-            num_points,
-            head_dim,
-            num_query_blocks,
-            BLOCK_Q=block_q,
-            BLOCK_D=block_d,
-        )
+        with _on_device(value.device):
+            _kernels().ms_deform_attn_backward_kernel[grid](
+                value,
+                spatial_shapes,
+                level_start_index,
+                sampling_locations,
+                attention_weights,
+                grad_output,
+                grad_value,
+                grad_locations,
+                grad_weights,
+                num_rows,
+                num_queries,
+                num_heads,
+                num_levels,
+                num_points,
+                head_dim,
+                num_query_blocks,
+                BLOCK_Q=block_q,
+                BLOCK_D=block_d,
+            )
     return grad_value.to(value.dtype), grad_locations, grad_weights
 
 

@@ -233,19 +233,23 @@ def ms_deform_attn_backward_kernel(
                 grad_value_head + row_tl * row_stride,
                 (hy * hx) * grad_sampled,
                 mask=mask_tl,
+                sem="relaxed",  # a sum: no ordering with other memory is needed
             )
             tl.atomic_add(
                 grad_value_head + row_tr * row_stride,
                 (hy * lx) * grad_sampled,
                 mask=mask_tr,
+                sem="relaxed",
             )
             tl.atomic_add(
                 grad_value_head + row_bl * row_stride,
                 (ly * hx) * grad_sampled,
                 mask=mask_bl,
+                sem="relaxed",
             )
             tl.atomic_add(
                 grad_value_head + row_br * row_stride,
                 (ly * lx) * grad_sampled,
                 mask=mask_br,
+                sem="relaxed",
             )
