@@ -69,7 +69,7 @@ def test_padded_values_are_never_attended():
 def capture_sampling_locations(monkeypatch, module, query, reference, values, shapes):
     captured = {}
 
-    def fake_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    def fake_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, **kwargs):
         captured["locations"] = sampling_locations
         captured["weights"] = attention_weights
         return value.new_zeros(value.shape[0], sampling_locations.shape[1], module.d_model)
