@@ -256,7 +256,9 @@ def test_ms_deform_attn_backend_argument_runs_triton(monkeypatch):
     calls = []
     real = triton_module.ms_deform_attn_triton
     monkeypatch.setattr(
-        triton_module, "ms_deform_attn_triton", lambda *args: calls.append(1) or real(*args)
+        triton_module,
+        "ms_deform_attn_triton",
+        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs),
     )
     output = ms_deform_attn(*inputs, backend="triton")
     assert len(calls) == 1
@@ -306,7 +308,9 @@ def test_msdeformattn_switched_to_triton_by_config(monkeypatch):
     calls = []
     real = triton_module.ms_deform_attn_triton
     monkeypatch.setattr(
-        triton_module, "ms_deform_attn_triton", lambda *args: calls.append(1) or real(*args)
+        triton_module,
+        "ms_deform_attn_triton",
+        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs),
     )
     images = torch.randn(1, 3, 32, 40, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     mask = torch.zeros(1, 32, 40, dtype=torch.bool, device=DEVICE)
