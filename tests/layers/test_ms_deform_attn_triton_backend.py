@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from detectron2.modeling import META_ARCH_REGISTRY
 
 from deformable_family.layers import MSDeformAttn, ms_deform_attn, ms_deform_attn_triton
 from deformable_family.layers.ms_deform_attn_op import ATTN_BACKENDS
@@ -191,3 +192,28 @@ def test_config_selects_the_backend_per_stage():
         images, mask = torch.zeros(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.bool)
         with pytest.raises(RuntimeError, match="ms_deform_attn_triton: the inputs are cpu tensors"):
             model.eval().forward_outputs(images, mask)
+
+
+def test_yacs_config_selects_the_backend_per_stage():
+    """The yacs route: MODEL.DEFORMABLE_DETR.{ENC,DEC}_ATTN_BACKEND, default "extension"."""
+    from detectron2.config import get_cfg
+
+    from deformable_family.config import add_deformable_detr_config
+
+    cfg = get_cfg()
+    add_deformable_detr_config(cfg)
+    assert (
+        cfg.MODEL.DEFORMABLE_DETR.ENC_ATTN_BACKEND,
+        cfg.MODEL.DEFORMABLE_DETR.DEC_ATTN_BACKEND,
+    ) == (
+        "extension",
+        "extension",
+    )
+    cfg.MODEL.DEFORMABLE_DETR.DEC_ATTN_BACKEND = "triton"
+    with torch.device("meta"):  # full size without memory
+        model = META_ARCH_REGISTRY.get("DeformableDETR")(cfg)
+    encoder, decoder = model.transformer.encoder, model.transformer.decoder
+    assert {m.attn_backend for m in encoder.modules() if isinstance(m, MSDeformAttn)} == {
+        "extension"
+    }
+    assert {m.attn_backend for m in decoder.modules() if isinstance(m, MSDeformAttn)} == {"triton"}
