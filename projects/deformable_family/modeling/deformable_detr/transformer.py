@@ -4,6 +4,7 @@ The prediction heads are NOT owned here: they live in the meta-architecture and 
 :meth:`DeformableTransformer.forward` as call arguments, so each head has exactly one state-dict key.
 """
 
+import copy
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -148,7 +149,10 @@ def refine_boxes(box_delta: torch.Tensor, reference: torch.Tensor) -> torch.Tens
 
 
 class DeformableEncoderLayer(nn.Module):
-    """Deformable self-attention -> add & norm -> FFN -> add & norm (post-norm)."""
+    """Deformable self-attention -> add & norm -> FFN -> add & norm (post-norm).
+
+    ``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton".
+    """
 
     def __init__(
         self,
@@ -160,7 +164,6 @@ class DeformableEncoderLayer(nn.Module):
         n_points: int = 4,
         attn_backend: str = "extension",
     ):
-        """``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton"."""
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_backend)
         self.dropout1 = nn.Dropout(dropout)
@@ -190,7 +193,10 @@ class DeformableEncoderLayer(nn.Module):
 
 
 class DeformableEncoder(nn.Module):
-    """A stack of :class:`DeformableEncoderLayer` over the flattened multi-scale maps."""
+    """A stack of :class:`DeformableEncoderLayer` over the flattened multi-scale maps.
+
+    ``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton".
+    """
 
     def __init__(
         self,
@@ -203,7 +209,6 @@ class DeformableEncoder(nn.Module):
         n_points: int = 4,
         attn_backend: str = "extension",
     ):
-        """``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton"."""
         super().__init__()
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(
@@ -229,7 +234,12 @@ class DeformableEncoder(nn.Module):
 
 
 class DeformableDecoderLayer(nn.Module):
-    """Self-attention -> add & norm -> deformable cross-attention -> add & norm -> FFN -> add & norm."""
+    """Self-attention -> add & norm -> deformable cross-attention -> add & norm -> FFN -> add & norm.
+
+    ``post_cross_attn``, when given, runs between the cross-attention's add & norm and the FFN as
+    ``query = post_cross_attn(query, reference_points)`` (DSCT's SSRA on its subject tokens).
+    ``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton".
+    """
 
     def __init__(
         self,
@@ -239,9 +249,9 @@ class DeformableDecoderLayer(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        post_cross_attn: Optional[nn.Module] = None,
         attn_backend: str = "extension",
     ):
-        """``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton"."""
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout)
         self.self_attn_dropout = nn.Dropout(dropout)
@@ -254,6 +264,7 @@ class DeformableDecoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.ffn_dropout2 = nn.Dropout(dropout)
         self.ffn_norm = nn.LayerNorm(d_model)
+        self.post_cross_attn = post_cross_attn
 
     def forward(
         self,
@@ -287,13 +298,20 @@ class DeformableDecoderLayer(nn.Module):
             memory_padding_mask,
         )
         query = self.cross_attn_norm(query + self.cross_attn_dropout(attended))
+        if self.post_cross_attn is not None:
+            query = self.post_cross_attn(query, reference_points)
         ffn = self.linear2(self.ffn_dropout1(F.relu(self.linear1(query))))
         return self.ffn_norm(query + self.ffn_dropout2(ffn))
 
 
 class DeformableDecoder(nn.Module):
     """A stack of :class:`DeformableDecoderLayer`; with box heads given, each layer refines the
-    reference boxes of the next (iterative bounding-box refinement, appendix A.4)."""
+    reference boxes of the next (iterative bounding-box refinement, appendix A.4).
+
+    ``post_cross_attn``: a module each layer runs between cross-attention and FFN (a deep copy per
+    layer, see :class:`DeformableDecoderLayer`); None for Deformable DETR.
+    ``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton".
+    """
 
     def __init__(
         self,
@@ -304,14 +322,21 @@ class DeformableDecoder(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        post_cross_attn: Optional[nn.Module] = None,
         attn_backend: str = "extension",
     ):
-        """``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton"."""
         super().__init__()
         self.num_layers = num_layers
         self.layers = nn.ModuleList(
             DeformableDecoderLayer(
-                d_model, d_ffn, dropout, n_levels, n_heads, n_points, attn_backend
+                d_model,
+                d_ffn,
+                dropout,
+                n_levels,
+                n_heads,
+                n_points,
+                copy.deepcopy(post_cross_attn),
+                attn_backend,
             )
             for _ in range(num_layers)
         )
