@@ -50,6 +50,16 @@ inline void accumulate_sample(
   }
 }
 
+// output[d] += weight * row[d]: one corner of a sample on the border of the map.
+template <typename scalar_t>
+inline void accumulate_corner(
+    scalar_t* __restrict__ output, const scalar_t* __restrict__ row, scalar_t weight, int64_t head_dim) {
+#pragma omp simd
+  for (int64_t d = 0; d < head_dim; ++d) {
+    output[d] += weight * row[d];
+  }
+}
+
 // Forward of the (batch, query) pairs [begin, end) of the flattened (N, Lq).
 template <typename scalar_t>
 DF_CPU_CLONES void forward_queries(
@@ -76,21 +86,34 @@ DF_CPU_CLONES void forward_queries(
       for (int64_t l = 0; l < sizes.num_levels; ++l) {
         const int64_t height = spatial_shapes[2 * l];
         const int64_t width = spatial_shapes[2 * l + 1];
+        const int64_t level_start = level_start_index[l];
+        if (!level_is_readable(height, width, level_start, sizes.num_rows)) {
+          continue;  // an empty level: its samples read zero
+        }
         for (int64_t p = 0; p < sizes.num_points; ++p) {
           const int64_t sample = l * sizes.num_points + p;
-          if (!bilinear_corners(
-                  locations[2 * sample], locations[2 * sample + 1], height, width, level_start_index[l], corners)) {
+          if (!bilinear_corners(locations[2 * sample], locations[2 * sample + 1], height, width, level_start, corners)) {
             continue;
           }
-          // Bilinear and attention weight folded once per sample, not once per channel. Outside
-          // corners read a clamped row with weight 0 (no branch); the cost is that an inf or nan
-          // stored in that row would turn into nan here, where grid_sample would skip it.
+          // Bilinear and attention weight folded once per sample, not once per channel.
           const scalar_t attention = weights[sample];
-          accumulate_sample(
-              out, value_head + corners.row[0] * row_stride, value_head + corners.row[1] * row_stride,
-              value_head + corners.row[2] * row_stride, value_head + corners.row[3] * row_stride,
-              attention * corners.weight[0], attention * corners.weight[1], attention * corners.weight[2],
-              attention * corners.weight[3], sizes.head_dim);
+          if (corners.inside[0] && corners.inside[1] && corners.inside[2] && corners.inside[3]) {
+            accumulate_sample(
+                out, value_head + corners.row[0] * row_stride, value_head + corners.row[1] * row_stride,
+                value_head + corners.row[2] * row_stride, value_head + corners.row[3] * row_stride,
+                attention * corners.weight[0], attention * corners.weight[1], attention * corners.weight[2],
+                attention * corners.weight[3], sizes.head_dim);
+          } else {
+            // On the border, corners outside the map are skipped rather than read with weight 0:
+            // their clamped row may hold inf or nan, and 0 * inf is nan where grid_sample gives 0.
+            for (int corner = 0; corner < 4; ++corner) {
+              if (corners.inside[corner]) {
+                accumulate_corner(
+                    out, value_head + corners.row[corner] * row_stride, attention * corners.weight[corner],
+                    sizes.head_dim);
+              }
+            }
+          }
         }
       }
     }
@@ -246,12 +269,16 @@ DF_CPU_CLONES void backward_units(
       for (int64_t l = first_level; l < first_level + levels_per_unit; ++l) {
         const int64_t height = spatial_shapes[2 * l];
         const int64_t width = spatial_shapes[2 * l + 1];
+        const int64_t level_start = level_start_index[l];
+        if (!level_is_readable(height, width, level_start, sizes.num_rows)) {
+          continue;  // an empty level: its samples read zero, all their gradients stay zero
+        }
         const int64_t first_sample = (head_index * sizes.num_levels + l) * sizes.num_points;  // into (N, Lq, M, L, P)
         for (int64_t p = 0; p < sizes.num_points; ++p) {
           const int64_t sample = first_sample + p;
           if (!bilinear_corners(
-                  sampling_locations[2 * sample], sampling_locations[2 * sample + 1], height, width,
-                  level_start_index[l], corners)) {
+                  sampling_locations[2 * sample], sampling_locations[2 * sample + 1], height, width, level_start,
+                  corners)) {
             continue;  // no corner inside: all three gradients stay zero
           }
           backward_sample(
@@ -263,7 +290,8 @@ DF_CPU_CLONES void backward_units(
   }
 }
 
-// float16 and bfloat16 run the float32 kernel on converted copies (float32 accumulation).
+// float16 and bfloat16 run the float32 kernel on converted copies (float32 accumulation); their
+// locations and weights may already be float32 (then .to() returns them as they are).
 bool is_reduced_precision(const at::Tensor& tensor) {
   return tensor.scalar_type() == at::kHalf || tensor.scalar_type() == at::kBFloat16;
 }
@@ -325,8 +353,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     auto grads = ms_deform_attn_backward_cpu(
         value.to(at::kFloat), spatial_shapes, level_start_index, sampling_locations.to(at::kFloat),
         attention_weights.to(at::kFloat), grad_output.to(at::kFloat));
-    const auto dtype = value.scalar_type();
-    return {std::get<0>(grads).to(dtype), std::get<1>(grads).to(dtype), std::get<2>(grads).to(dtype)};
+    // Each gradient in the dtype of its input (a float32 location gets a float32 gradient).
+    return {
+        std::get<0>(grads).to(value.scalar_type()), std::get<1>(grads).to(sampling_locations.scalar_type()),
+        std::get<2>(grads).to(attention_weights.scalar_type())};
   }
   at::Tensor grad_value = at::zeros(value.sizes(), value.options());
   at::Tensor grad_sampling_locations = at::zeros(sampling_locations.sizes(), value.options());
