@@ -88,7 +88,9 @@ def forward_and_grads(op, inputs, grad_output_seed: int = 1, grad_output_dtype=N
     """Runs op on fresh leaf copies of inputs; returns (output, grad_value, grad_locations, grad_weights).
     grad_output is random (seeded), drawn in float64 and rounded to grad_output_dtype if given."""
     value, spatial_shapes, level_start_index, locations, weights = inputs
-    leaves = [t.detach().clone().requires_grad_() for t in (value, locations, weights)]
+    # detach(), not clone(): the leaves keep the inputs' memory (a non-contiguous layout, a value
+    # inside a nan-guarded buffer), which is what the kernel must then read.
+    leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
     output = op(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2])
     generator = torch.Generator().manual_seed(grad_output_seed)
     grad_output = torch.randn(output.shape, generator=generator, dtype=torch.float64)
@@ -452,11 +454,12 @@ def test_issue_reproduction_empty_level_reads_nothing_before_value():
 
 
 @requires_cpu_kernel
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_no_read_leaves_value(dtype):
     """value lives in a nan-filled buffer: every location pattern (pixel centres, borders, corners,
     just outside, far outside, non-finite) on 1x1, empty and ordinary levels, at the first and last
-    level, in forward and backward, gives finite results equal to the reference on a clean copy."""
+    level, in forward and backward, gives finite results equal to the reference on a clean copy.
+    (Not the 16-bit types: the CPU kernel reads those from a float32 copy of value.)"""
     level_shapes = [(0, 3), (1, 1), (3, 4), (2, 1), (4, 0)]
     num_levels = len(level_shapes)
     clean, spatial_shapes, level_start_index, _, weights = make_inputs(
@@ -474,7 +477,7 @@ def test_no_read_leaves_value(dtype):
     guarded, _ = _nan_guarded(clean)
     actual = forward_and_grads(ms_deform_attn, (guarded, spatial_shapes, level_start_index, locations, weights))
     expected = forward_and_grads(ms_deform_attn_reference, (clean, spatial_shapes, level_start_index, locations, weights))
-    tolerance = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
     for name, a, e in zip(("output", "grad_value", "grad_sampling_locations", "grad_attention_weights"), actual, expected):
         assert torch.isfinite(e).all(), f"the reference's {name} is not finite: the case tests nothing"
         assert torch.isfinite(a).all(), f"{name} is not finite: a read left value"
