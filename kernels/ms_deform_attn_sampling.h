@@ -55,8 +55,9 @@ DF_HOST_DEVICE double floor_of(double v) {
 
 // Corners are numbered 0 = (y0, x0), 1 = (y0, x1), 2 = (y1, x0), 3 = (y1, x1) with x1 = x0 + 1 and
 // y1 = y0 + 1. A corner outside the map has weight 0 and a row clamped into the map, so a caller may
-// read all four rows without leaving the level; kernels skip those corners (a row clamped into the map
-// may hold inf or nan, and 0 * inf is nan where grid_sample gives 0).
+// read all four rows without leaving the level (the CPU forward does, branch-free; the other kernels
+// skip those corners). The clamped row is always that of another corner of the same sample, whose
+// weight is positive.
 // index_t is the integer type of the rows: int64_t, or int32_t where the caller proved they fit.
 template <typename acc_t, typename index_t = int64_t>
 struct BilinearCorners {

@@ -14,6 +14,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <vector>
+
 #include "ms_deform_attn.h"
 #include "ms_deform_attn_sampling.h"
 
@@ -50,16 +52,6 @@ inline void accumulate_sample(
   }
 }
 
-// output[d] += weight * row[d]: one corner of a sample on the border of the map.
-template <typename scalar_t>
-inline void accumulate_corner(
-    scalar_t* __restrict__ output, const scalar_t* __restrict__ row, scalar_t weight, int64_t head_dim) {
-#pragma omp simd
-  for (int64_t d = 0; d < head_dim; ++d) {
-    output[d] += weight * row[d];
-  }
-}
-
 // Forward of the (batch, query) pairs [begin, end) of the flattened (N, Lq).
 template <typename scalar_t>
 DF_CPU_CLONES void forward_queries(
@@ -68,6 +60,7 @@ DF_CPU_CLONES void forward_queries(
     const int64_t* level_start_index,
     const scalar_t* sampling_locations,
     const scalar_t* attention_weights,
+    const uint8_t* level_readable,
     scalar_t* output,
     const Sizes& sizes,
     int64_t begin,
@@ -87,7 +80,7 @@ DF_CPU_CLONES void forward_queries(
         const int64_t height = spatial_shapes[2 * l];
         const int64_t width = spatial_shapes[2 * l + 1];
         const int64_t level_start = level_start_index[l];
-        if (!level_is_readable(height, width, level_start, sizes.num_rows)) {
+        if (!level_readable[l]) {
           continue;  // an empty level: its samples read zero
         }
         for (int64_t p = 0; p < sizes.num_points; ++p) {
@@ -95,25 +88,18 @@ DF_CPU_CLONES void forward_queries(
           if (!bilinear_corners(locations[2 * sample], locations[2 * sample + 1], height, width, level_start, corners)) {
             continue;
           }
-          // Bilinear and attention weight folded once per sample, not once per channel.
+          // Bilinear and attention weight folded once per sample, not once per channel. Outside
+          // corners read a clamped row with weight 0 (no branch: skipping them made the forward
+          // slower in a quick measurement). That row is always another corner of the same sample,
+          // read with a positive weight, so an inf or nan stored there makes grid_sample's result
+          // non-finite too: the branch-free read can turn inf into nan (0 * inf), never a finite
+          // result into nan.
           const scalar_t attention = weights[sample];
-          if (corners.inside[0] && corners.inside[1] && corners.inside[2] && corners.inside[3]) {
-            accumulate_sample(
-                out, value_head + corners.row[0] * row_stride, value_head + corners.row[1] * row_stride,
-                value_head + corners.row[2] * row_stride, value_head + corners.row[3] * row_stride,
-                attention * corners.weight[0], attention * corners.weight[1], attention * corners.weight[2],
-                attention * corners.weight[3], sizes.head_dim);
-          } else {
-            // On the border, corners outside the map are skipped rather than read with weight 0:
-            // their clamped row may hold inf or nan, and 0 * inf is nan where grid_sample gives 0.
-            for (int corner = 0; corner < 4; ++corner) {
-              if (corners.inside[corner]) {
-                accumulate_corner(
-                    out, value_head + corners.row[corner] * row_stride, attention * corners.weight[corner],
-                    sizes.head_dim);
-              }
-            }
-          }
+          accumulate_sample(
+              out, value_head + corners.row[0] * row_stride, value_head + corners.row[1] * row_stride,
+              value_head + corners.row[2] * row_stride, value_head + corners.row[3] * row_stride,
+              attention * corners.weight[0], attention * corners.weight[1], attention * corners.weight[2],
+              attention * corners.weight[3], sizes.head_dim);
         }
       }
     }
@@ -248,6 +234,7 @@ DF_CPU_CLONES void backward_units(
     scalar_t* grad_value,
     scalar_t* grad_sampling_locations,
     scalar_t* grad_attention_weights,
+    const uint8_t* level_readable,
     const Sizes& sizes,
     int64_t levels_per_unit,
     int64_t begin,
@@ -270,7 +257,7 @@ DF_CPU_CLONES void backward_units(
         const int64_t height = spatial_shapes[2 * l];
         const int64_t width = spatial_shapes[2 * l + 1];
         const int64_t level_start = level_start_index[l];
-        if (!level_is_readable(height, width, level_start, sizes.num_rows)) {
+        if (!level_readable[l]) {
           continue;  // an empty level: its samples read zero, all their gradients stay zero
         }
         const int64_t first_sample = (head_index * sizes.num_levels + l) * sizes.num_points;  // into (N, Lq, M, L, P)
@@ -288,6 +275,15 @@ DF_CPU_CLONES void backward_units(
       }
     }
   }
+}
+
+// level_is_readable of every level, computed once per call (not once per query and head).
+std::vector<uint8_t> readable_levels(const int64_t* spatial_shapes, const int64_t* level_start_index, const Sizes& sizes) {
+  std::vector<uint8_t> readable(sizes.num_levels);
+  for (int64_t l = 0; l < sizes.num_levels; ++l) {
+    readable[l] = level_is_readable(spatial_shapes[2 * l], spatial_shapes[2 * l + 1], level_start_index[l], sizes.num_rows);
+  }
+  return readable;
 }
 
 // float16 and bfloat16 run the float32 kernel on converted copies (float32 accumulation); their
@@ -328,12 +324,14 @@ at::Tensor ms_deform_attn_forward_cpu(
     const scalar_t* value_data = value_c.data_ptr<scalar_t>();
     const int64_t* shapes_data = shapes_c.data_ptr<int64_t>();
     const int64_t* starts_data = starts_c.data_ptr<int64_t>();
+    const std::vector<uint8_t> readable = readable_levels(shapes_data, starts_data, sizes);
     const scalar_t* locations_data = locations_c.data_ptr<scalar_t>();
     const scalar_t* weights_data = weights_c.data_ptr<scalar_t>();
     scalar_t* output_data = output.data_ptr<scalar_t>();
     at::parallel_for(0, sizes.batch * sizes.num_queries, grain, [&](int64_t begin, int64_t end) {
       forward_queries<scalar_t>(
-          value_data, shapes_data, starts_data, locations_data, weights_data, output_data, sizes, begin, end);
+          value_data, shapes_data, starts_data, locations_data, weights_data, readable.data(), output_data, sizes,
+          begin, end);
     });
   });
   return output;
@@ -375,6 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const scalar_t* value_data = value_c.data_ptr<scalar_t>();
     const int64_t* shapes_data = shapes_c.data_ptr<int64_t>();
     const int64_t* starts_data = starts_c.data_ptr<int64_t>();
+    const std::vector<uint8_t> readable = readable_levels(shapes_data, starts_data, sizes);
     const scalar_t* locations_data = locations_c.data_ptr<scalar_t>();
     const scalar_t* weights_data = weights_c.data_ptr<scalar_t>();
     const scalar_t* grad_output_data = grad_output_c.data_ptr<scalar_t>();
@@ -391,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     at::parallel_for(0, num_units, 1, [&](int64_t begin, int64_t end) {
       backward_units<scalar_t>(
           value_data, shapes_data, starts_data, locations_data, weights_data, grad_output_data, grad_value_data,
-          grad_locations_data, grad_weights_data, sizes, levels_per_unit, begin, end);
+          grad_locations_data, grad_weights_data, readable.data(), sizes, levels_per_unit, begin, end);
     });
   });
   return {grad_value, grad_sampling_locations, grad_attention_weights};
