@@ -76,9 +76,9 @@ class MSDeformAttn(nn.Module):
             spatial_shapes: (L, 2) int64 (H_l, W_l).
             level_start_index: (L,) int64 start of each level in S.
             value_padding_mask: (N, S) bool, True on padding (those values are zeroed, never attended).
-            spatial_shapes_list: the values of spatial_shapes as L (H_l, W_l) Python ints, which the
-                caller knows from its feature maps. With it the sizes are checked on the host and the
-                forward reads no tensor on the host (no GPU synchronisation; CUDA graphs and
+            spatial_shapes_list: the values of spatial_shapes as L (H_l, W_l) Python ints, which
+                the caller knows from its feature maps. With it the sizes are checked on the host
+                and the forward reads no tensor on the host (no GPU synchronisation; CUDA graphs and
                 torch.compile(fullgraph=True) work); without it the op checks the tensors (once per
                 distinct pair on a GPU, see :func:`ms_deform_attn`).
 
@@ -87,10 +87,12 @@ class MSDeformAttn(nn.Module):
         """
         batch, num_queries, _ = query.shape
         _, num_values, _ = value_input.shape
-        if spatial_shapes_list is not None and sum(h * w for h, w in spatial_shapes_list) != num_values:
-            raise ValueError(
-                f"spatial_shapes_list {list(spatial_shapes_list)} do not sum to the {num_values} values of value_input"
-            )
+        if spatial_shapes_list is not None:
+            if sum(h * w for h, w in spatial_shapes_list) != num_values:
+                raise ValueError(
+                    f"spatial_shapes_list {list(spatial_shapes_list)} do not sum to the "
+                    f"{num_values} values of value_input"
+                )
         value = self.value_proj(value_input)
         if value_padding_mask is not None:
             value = value.masked_fill(value_padding_mask[..., None], 0.0)

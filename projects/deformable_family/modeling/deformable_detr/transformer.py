@@ -31,8 +31,8 @@ def flatten_levels(
         features (B, S, C), masks (B, S), pos_embeds (B, S, C), spatial_shapes (L, 2) int64 (H_l, W_l),
         level_start_index (L,) int64; S = sum of H_l * W_l.
     """
-    # Built on the host, then copied without blocking: torch.as_tensor(..., device="cuda") would wait
-    # for the GPU queue to drain (a blocking host-to-device copy synchronises the stream).
+    # Built on the host, then copied without blocking: torch.as_tensor(..., device="cuda") would
+    # wait for the GPU queue to drain (a blocking host-to-device copy synchronises the stream).
     spatial_shapes = torch.as_tensor([tuple(f.shape[-2:]) for f in features], dtype=torch.long).to(
         features[0].device, non_blocking=True
     )
@@ -200,7 +200,7 @@ class DeformableEncoderLayer(nn.Module):
         spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None,
     ) -> torch.Tensor:
         """src, pos: (B, S, d); reference_points: (B, S, L, 2); padding_mask: (B, S) -> (B, S, d).
-        spatial_shapes_list: the level sizes as Python ints, if known (see :class:`MSDeformAttn`)."""
+        spatial_shapes_list: the level sizes as Python ints, if known (see MSDeformAttn)."""
         attended = self.self_attn(
             src + pos,
             reference_points,
@@ -248,7 +248,9 @@ class DeformableEncoder(nn.Module):
         spatial_shapes_list: the level sizes as Python ints, if known (then no tensor is read on the
         host; see :func:`level_sizes`)."""
         spatial_shapes_list = level_sizes(spatial_shapes, spatial_shapes_list)
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios, spatial_shapes_list)
+        reference_points = encoder_reference_points(
+            spatial_shapes, valid_ratios, spatial_shapes_list
+        )
         for layer in self.layers:
             src = layer(
                 src,
@@ -303,7 +305,7 @@ class DeformableDecoderLayer(nn.Module):
             query, query_pos: (B, Q, d) content and positional parts of the queries.
             reference_points: (B, Q, L, 2) points or (B, Q, L, 4) boxes, per level.
             memory: (B, S, d) encoder output; memory_padding_mask: (B, S) True on padding.
-            spatial_shapes_list: the level sizes as Python ints, if known (see :class:`MSDeformAttn`).
+            spatial_shapes_list: the level sizes as Python ints, if known (see MSDeformAttn).
 
         Returns:
             (B, Q, d).
@@ -367,7 +369,7 @@ class DeformableDecoder(nn.Module):
                 the unpadded image.
             memory: (B, S, d); valid_ratios: (B, L, 2); memory_padding_mask: (B, S).
             box_heads: one box head per layer for iterative refinement, or None (references fixed).
-            spatial_shapes_list: the level sizes as Python ints, if known (see :class:`MSDeformAttn`).
+            spatial_shapes_list: the level sizes as Python ints, if known (see MSDeformAttn).
 
         Returns:
             hidden states (D, B, Q, d) and the D references the layers used, each (B, Q, 2) or
@@ -488,7 +490,10 @@ class DeformableTransformer(nn.Module):
         )
         # The level sizes as Python ints, from the maps' shapes: every layer gets them, so no level
         # tensor is read back from the GPU (no synchronisation per layer, CUDA-graph capturable).
-        spatial_shapes_list = [tuple(f.shape[-2:]) for f in features]
+        # Not under torch.jit.trace (fvcore's flop counter), where shapes are traced as tensors.
+        spatial_shapes_list = (
+            None if torch.jit.is_tracing() else [tuple(f.shape[-2:]) for f in features]
+        )
         valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1)
         memory = self.encoder(
             src,
@@ -532,8 +537,9 @@ class DeformableTransformer(nn.Module):
             query_pos, query = torch.split(query_embed, self.d_model, dim=1)
             query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
             query = query.unsqueeze(0).expand(batch, -1, -1)
-            # The sigmoid in float32 even under autocast: a 16-bit reference point near 1.0 would be
-            # off by about half a pixel on a 134-pixel-wide level (the logit's rounding costs far less).
+            # The sigmoid in float32 even under autocast: a 16-bit reference point near 1.0 would
+            # be off by about half a pixel on a 134-pixel-wide level (rounding the logit costs far
+            # less).
             logits = self.reference_points(query_pos)
             if logits.dtype in (torch.float16, torch.bfloat16):
                 logits = logits.float()
