@@ -96,7 +96,7 @@ setup(
     description="The deformable family of query-based detectors (Deformable DETR, SMCA, AdaMixer, ...) for detectron2",
     package_dir={"deformable_family": PACKAGE_DIR},
     packages=find_packages(where="projects", include=["deformable_family", "deformable_family.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # the pinned torch 2.14 needs 3.10
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
 )
