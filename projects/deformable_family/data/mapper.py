@@ -5,6 +5,7 @@ from collections import abc
 from typing import Any, Dict, Sequence
 
 import numpy as np
+import torch
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -41,14 +42,16 @@ def read_image_or_fail(file_name: str, image_format: str) -> np.ndarray:
 
 class DetrDatasetMapper(DatasetMapper):
     """detectron2's ``DatasetMapper`` (read, size check, augmentation of image and boxes, crowd
-    and empty boxes removed, annotations dropped at test time), with three differences:
+    and empty boxes removed, annotations dropped at test time), with four differences:
 
     - the arguments a LazyConfig gives: ``augmentations`` a list, ``image_format`` "RGB" by default;
     - a missing or undecodable image fails with an error naming the file;
     - boxes the augmentation leaves empty (a crop that cuts an object out) are counted
       (``num_boxes_emptied`` of ``num_boxes_seen`` in this process) and the count is logged, as
       the degenerate boxes of the dataset are. An image left with no object is kept as a negative
-      (``instances`` of length 0), as in the authors' random crop; it is not re-drawn.
+      (``instances`` of length 0), as in the authors' random crop; it is not re-drawn;
+    - ``extra_annotation_fields`` carries per-annotation fields (DSCT's ``emotions``) unchanged into
+      ``instances.gt_<field>``, one row per kept box.
 
     Output dict: ``image`` (C, H, W) uint8 tensor in ``image_format`` (not normalised: the model
     subtracts its pixel mean), the original ``height`` / ``width``, and when training
@@ -57,13 +60,20 @@ class DetrDatasetMapper(DatasetMapper):
     """
 
     def __init__(
-        self, is_train: bool, augmentations: Sequence[T.Augmentation], image_format: str = "RGB"
+        self,
+        is_train: bool,
+        augmentations: Sequence[T.Augmentation],
+        image_format: str = "RGB",
+        extra_annotation_fields: Sequence[str] = (),
     ):
         """
         Args:
             is_train: whether annotations are mapped (and kept) for training.
             augmentations: applied in order to image and boxes; build the DETR recipe in the config.
             image_format: format given to detectron2's ``read_image`` ("RGB" for the DETR family).
+            extra_annotation_fields: per-annotation fields carried unchanged through the
+                augmentation into ``instances.gt_<field>`` (a tensor with one row per kept box),
+                e.g. ``["emotions"]`` for DSCT's (n, 26) labels.
         """
         if not isinstance(augmentations, abc.Sequence) or isinstance(augmentations, str):
             raise TypeError(
@@ -74,6 +84,11 @@ class DetrDatasetMapper(DatasetMapper):
         )
         self.num_boxes_seen = 0
         self.num_boxes_emptied = 0
+        if isinstance(extra_annotation_fields, str):
+            raise TypeError(
+                "DetrDatasetMapper: extra_annotation_fields must be a list of names, not a string"
+            )
+        self.extra_annotation_fields = list(extra_annotation_fields)
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         if "file_name" not in dataset_dict:
@@ -92,7 +107,10 @@ class DetrDatasetMapper(DatasetMapper):
         # detectron2's extension point: transform, drop crowd boxes, build Instances, drop empty
         # boxes. Here it also counts the boxes the augmentation emptied.
         num_boxes = sum(1 for obj in dataset_dict["annotations"] if obj.get("iscrowd", 0) == 0)
-        super()._transform_annotations(dataset_dict, transforms, image_shape)
+        if self.extra_annotation_fields:
+            self._transform_with_extra_fields(dataset_dict, transforms, image_shape)
+        else:
+            super()._transform_annotations(dataset_dict, transforms, image_shape)
         emptied = num_boxes - len(dataset_dict["instances"])
         self.num_boxes_seen += num_boxes
         self.num_boxes_emptied += emptied
@@ -104,3 +122,24 @@ class DetrDatasetMapper(DatasetMapper):
                 n=300,
                 name=__name__,
             )
+
+    def _transform_with_extra_fields(self, dataset_dict, transforms, image_shape) -> None:
+        """detectron2's steps (transform the non-crowd boxes, build Instances, drop empty boxes)
+        with the extra fields set before the empty boxes are dropped, so that they stay aligned
+        (``annotations_to_instances`` keeps only the fields it knows)."""
+        annotations = [
+            utils.transform_instance_annotations(obj, transforms, image_shape)
+            for obj in dataset_dict.pop("annotations")
+            if obj.get("iscrowd", 0) == 0
+        ]
+        instances = utils.annotations_to_instances(annotations, image_shape)
+        for field in self.extra_annotation_fields:
+            missing = [index for index, obj in enumerate(annotations) if field not in obj]
+            if missing:
+                raise ValueError(
+                    f"DetrDatasetMapper: annotation {missing[0]} of {dataset_dict['file_name']} "
+                    f"has no '{field}' field"
+                )
+            # With no annotation the tensor is empty, of shape (0,): its width is unknown here.
+            instances.set(f"gt_{field}", torch.as_tensor([obj[field] for obj in annotations]))
+        dataset_dict["instances"] = utils.filter_empty_instances(instances)

@@ -6,7 +6,7 @@ with Transformers", ECCV 2020, Eq. 1). The cost is the weighted sum of one small
 so another class cost (e.g. softmax probability for DETR) is one more function, not a second
 matcher.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -17,6 +17,9 @@ from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 __all__ = [
     "HungarianMatcher",
     "focal_class_cost",
+    "multi_label_focal_class_cost",
+    "check_multi_hot_targets",
+    "MULTI_HOT_KEY",
     "l1_box_cost",
     "giou_box_cost",
     "check_targets",
@@ -28,6 +31,10 @@ __all__ = [
 _LOG_EPS = 1e-8
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+# Target field of multi-label set prediction (e.g. DSCT's emotions): (n, C) with, per target, the
+# 0/1 value every class logit of its matched query should take.
+MULTI_HOT_KEY = "multi_hot_labels"
 
 
 class CheckedTargets(list):
@@ -148,6 +155,67 @@ def focal_class_cost(logits: Tensor, target_labels: Tensor, alpha: float, gamma:
     return positive_cost[:, target_labels] - negative_cost[:, target_labels]
 
 
+def check_multi_hot_targets(
+    targets: Sequence[Dict[str, Tensor]], num_classes: int, min_width: Optional[int] = None
+) -> None:
+    """
+    Validate the ``MULTI_HOT_KEY`` field of multi-label targets (``check_targets`` checks the rest).
+
+    Args:
+        targets: list of dicts with "labels" (n,) and ``MULTI_HOT_KEY`` (n, K) of 0/1 values.
+        num_classes: the expected width K, or None to accept any width >= ``min_width``.
+        min_width: with ``num_classes`` None, the smallest accepted K.
+
+    Raises:
+        ValueError naming the image index and the field at fault.
+    """
+    for image_index, target in enumerate(targets):
+        if MULTI_HOT_KEY not in target:
+            raise ValueError(
+                f"targets[{image_index}] has no '{MULTI_HOT_KEY}' field, which multi-label "
+                "matching and losses need"
+            )
+        multi_hot = target[MULTI_HOT_KEY]
+        num_targets = target["labels"].shape[0]
+        width_ok = (
+            multi_hot.shape[-1] == num_classes
+            if num_classes is not None
+            else multi_hot.shape[-1] >= (min_width or 1)
+        )
+        if multi_hot.dim() != 2 or multi_hot.shape[0] != num_targets or not width_ok:
+            expected = num_classes if num_classes is not None else f">= {min_width}"
+            raise ValueError(
+                f"targets[{image_index}]['{MULTI_HOT_KEY}'] must have shape ({num_targets}, "
+                f"{expected}), got {tuple(multi_hot.shape)}"
+            )
+        if multi_hot.numel() > 0 and not bool(((multi_hot == 0) | (multi_hot == 1)).all()):
+            raise ValueError(f"targets[{image_index}]['{MULTI_HOT_KEY}'] must hold only 0 and 1")
+
+
+def multi_label_focal_class_cost(
+    logits: Tensor, target_multi_hot: Tensor, alpha: float, gamma: float
+) -> Tensor:
+    """
+    Multi-label focal classification cost of DSCT (its matcher with ``binary_flag``): the focal
+    cost of ``focal_class_cost`` at every positive class of the target, averaged over all K
+    classes (a mean over K, not over the positives: a target with more positive labels weighs more).
+
+        cost(q, t) = 1/K * sum_k y[t, k] * (pos(p[q, k]) - neg(p[q, k]))
+
+    Args:
+        logits: (Q, K) class logits of one image.
+        target_multi_hot: (n, K) 0/1 targets.
+        alpha, gamma: focal parameters.
+
+    Returns:
+        (Q, n) cost.
+    """
+    prob = logits.sigmoid()
+    negative_cost = (1 - alpha) * prob ** gamma * (-(1 - prob + _LOG_EPS).log())
+    positive_cost = alpha * (1 - prob) ** gamma * (-(prob + _LOG_EPS).log())
+    return (positive_cost - negative_cost) @ target_multi_hot.to(logits.dtype).t() / logits.shape[1]
+
+
 def l1_box_cost(pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
     """
     Args:
@@ -180,6 +248,10 @@ class HungarianMatcher(nn.Module):
 
     When an image has more queries than targets, the unmatched queries are background; with more
     targets than queries, only Q targets are matched.
+
+    With ``multi_label`` the class cost is ``multi_label_focal_class_cost`` on the targets'
+    ``MULTI_HOT_KEY`` vectors (DSCT); ``num_class_logits`` restricts the class cost to the first k
+    logits (DSCT's last logit, subject-ness, is not part of its class cost).
     """
 
     def __init__(
@@ -189,6 +261,8 @@ class HungarianMatcher(nn.Module):
         cost_giou: float = 2.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        multi_label: bool = False,
+        num_class_logits: Optional[int] = None,
     ):
         """
         Args:
@@ -196,6 +270,10 @@ class HungarianMatcher(nn.Module):
             cost_bbox: weight of the L1 distance between normalised cxcywh boxes.
             cost_giou: weight of the negative GIoU.
             focal_alpha, focal_gamma: parameters of the focal classification cost.
+            multi_label: targets carry ``MULTI_HOT_KEY`` (n, C) and the class cost is the
+                multi-label focal cost on them instead of the focal cost at ``labels``.
+            num_class_logits: k, use only the first k logits (and the first k columns of the
+                multi-hot targets) in the class cost; None uses all.
         """
         super().__init__()
         weights = {"cost_class": cost_class, "cost_bbox": cost_bbox, "cost_giou": cost_giou}
@@ -212,13 +290,28 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        if num_class_logits is not None and (
+            not isinstance(num_class_logits, int)
+            or isinstance(num_class_logits, bool)
+            or num_class_logits < 1
+        ):
+            raise ValueError(
+                f"num_class_logits must be None or a positive int, got {num_class_logits!r}"
+            )
+        self.multi_label = bool(multi_label)
+        self.num_class_logits = num_class_logits
 
     def class_cost(self, logits: Tensor, target_labels: Tensor) -> Tensor:
         """(Q, C) logits, (n,) labels -> (Q, n) classification cost; override for another cost."""
         return focal_class_cost(logits, target_labels, self.focal_alpha, self.focal_gamma)
 
     def cost_matrix(
-        self, logits: Tensor, pred_boxes: Tensor, target_labels: Tensor, target_boxes: Tensor
+        self,
+        logits: Tensor,
+        pred_boxes: Tensor,
+        target_labels: Tensor,
+        target_boxes: Tensor,
+        target_multi_hot: Optional[Tensor] = None,
     ) -> Tensor:
         """
         Args:
@@ -226,6 +319,7 @@ class HungarianMatcher(nn.Module):
             pred_boxes: (Q, 4) normalised cxcywh.
             target_labels: (n,) int64.
             target_boxes: (n, 4) normalised cxcywh.
+            target_multi_hot: (n, C) 0/1 class targets, required with ``multi_label``.
 
         Returns:
             (Q, n) float32 total cost.
@@ -233,8 +327,19 @@ class HungarianMatcher(nn.Module):
         # float32 so the costs of fp16/bf16 predictions do not lose the small differences that
         # decide the assignment.
         logits, pred_boxes, target_boxes = logits.float(), pred_boxes.float(), target_boxes.float()
+        if self.num_class_logits is not None:
+            logits = logits[:, : self.num_class_logits]
+        if self.multi_label:
+            if target_multi_hot is None:
+                raise ValueError(f"multi_label matching needs the targets' '{MULTI_HOT_KEY}'")
+            target_multi_hot = target_multi_hot[:, : logits.shape[1]]
+            class_cost = multi_label_focal_class_cost(
+                logits, target_multi_hot, self.focal_alpha, self.focal_gamma
+            )
+        else:
+            class_cost = self.class_cost(logits, target_labels)
         return (
-            self.cost_class * self.class_cost(logits, target_labels)
+            self.cost_class * class_cost
             + self.cost_bbox * l1_box_cost(pred_boxes, target_boxes)
             + self.cost_giou * giou_box_cost(pred_boxes, target_boxes)
         )
@@ -269,12 +374,19 @@ class HungarianMatcher(nn.Module):
                 f"{tuple(pred_logits.shape[:2]) + (4,)}, got {tuple(pred_boxes.shape)}"
             )
         batch_size, _, num_classes = pred_logits.shape
+        if self.num_class_logits is not None and self.num_class_logits > num_classes:
+            raise ValueError(
+                f"num_class_logits ({self.num_class_logits}) exceeds the {num_classes} logits of "
+                "outputs['pred_logits']"
+            )
         if not (
             isinstance(targets, CheckedTargets)
             and len(targets) == batch_size
             and targets.num_classes <= num_classes
         ):
             targets = check_targets(targets, batch_size, num_classes)
+            if self.multi_label:
+                check_multi_hot_targets(targets, None, self.num_class_logits or num_classes)
 
         costs = {}
         for image_index, target in enumerate(targets):
@@ -286,6 +398,7 @@ class HungarianMatcher(nn.Module):
                     pred_boxes[image_index],
                     target["labels"],
                     target["boxes"],
+                    target.get(MULTI_HOT_KEY) if self.multi_label else None,
                 )
             except ValueError as error:
                 _check_predictions_finite(image_index, pred_logits, pred_boxes)
@@ -324,5 +437,6 @@ class HungarianMatcher(nn.Module):
         return (
             f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, "
             f"cost_giou={self.cost_giou}, focal_alpha={self.focal_alpha}, "
-            f"focal_gamma={self.focal_gamma}"
+            f"focal_gamma={self.focal_gamma}, multi_label={self.multi_label}, "
+            f"num_class_logits={self.num_class_logits}"
         )

@@ -4,6 +4,7 @@ The prediction heads are NOT owned here: they live in the meta-architecture and 
 :meth:`DeformableTransformer.forward` as call arguments, so each head has exactly one state-dict key.
 """
 
+import copy
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -265,7 +266,11 @@ class DeformableEncoder(nn.Module):
 
 
 class DeformableDecoderLayer(nn.Module):
-    """Self-attention -> add & norm -> deformable cross-attention -> add & norm -> FFN -> add & norm."""
+    """Self-attention -> add & norm -> deformable cross-attention -> add & norm -> FFN -> add & norm.
+
+    ``post_cross_attn``, when given, runs between the cross-attention's add & norm and the FFN as
+    ``query = post_cross_attn(query, reference_points)`` (DSCT's SSRA on its subject tokens).
+    """
 
     def __init__(
         self,
@@ -275,6 +280,7 @@ class DeformableDecoderLayer(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        post_cross_attn: Optional[nn.Module] = None,
     ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout)
@@ -288,6 +294,7 @@ class DeformableDecoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.ffn_dropout2 = nn.Dropout(dropout)
         self.ffn_norm = nn.LayerNorm(d_model)
+        self.post_cross_attn = post_cross_attn
 
     def forward(
         self,
@@ -324,13 +331,19 @@ class DeformableDecoderLayer(nn.Module):
             spatial_shapes_list=spatial_shapes_list,
         )
         query = self.cross_attn_norm(query + self.cross_attn_dropout(attended))
+        if self.post_cross_attn is not None:
+            query = self.post_cross_attn(query, reference_points)
         ffn = self.linear2(self.ffn_dropout1(F.relu(self.linear1(query))))
         return self.ffn_norm(query + self.ffn_dropout2(ffn))
 
 
 class DeformableDecoder(nn.Module):
     """A stack of :class:`DeformableDecoderLayer`; with box heads given, each layer refines the
-    reference boxes of the next (iterative bounding-box refinement, appendix A.4)."""
+    reference boxes of the next (iterative bounding-box refinement, appendix A.4).
+
+    ``post_cross_attn``: a module each layer runs between cross-attention and FFN (a deep copy per
+    layer, see :class:`DeformableDecoderLayer`); None for Deformable DETR.
+    """
 
     def __init__(
         self,
@@ -341,11 +354,20 @@ class DeformableDecoder(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        post_cross_attn: Optional[nn.Module] = None,
     ):
         super().__init__()
         self.num_layers = num_layers
         self.layers = nn.ModuleList(
-            DeformableDecoderLayer(d_model, d_ffn, dropout, n_levels, n_heads, n_points)
+            DeformableDecoderLayer(
+                d_model,
+                d_ffn,
+                dropout,
+                n_levels,
+                n_heads,
+                n_points,
+                copy.deepcopy(post_cross_attn),
+            )
             for _ in range(num_layers)
         )
 
