@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -217,3 +218,41 @@ def test_yacs_config_selects_the_backend_per_stage():
         "extension"
     }
     assert {m.attn_backend for m in decoder.modules() if isinstance(m, MSDeformAttn)} == {"triton"}
+
+
+def test_the_triton_wrapper_reads_no_tensor_on_the_host_given_host_sizes(monkeypatch):
+    """Like the compiled op, the Triton path reads no level tensor on the host when given
+    spatial_shapes_list (no GPU synchronisation). Shown on "meta" tensors, whose values cannot be
+    read, with the kernel launches recorded instead of run."""
+    op = importlib.import_module("deformable_family.layers.ms_deform_attn_triton")
+    launches = []
+
+    class RecordingKernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, grid))
+
+    kernels = types.SimpleNamespace(
+        ms_deform_attn_forward_kernel=RecordingKernel("forward"),
+        ms_deform_attn_backward_kernel=RecordingKernel("backward"),
+    )
+    monkeypatch.setattr(op, "_kernels", lambda: kernels)
+    monkeypatch.setattr(op, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(op, "_check_runnable", lambda device: None)
+    levels = [(3, 4), (2, 2)]
+    spatial_shapes = torch.tensor(levels, device="meta")
+    level_start_index = torch.tensor([0, 12], device="meta")
+    value = torch.randn(2, 16, 2, 4, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    locations = torch.rand(2, 5, 2, 2, 3, 2, device="meta", requires_grad=True)
+    weights = torch.rand(2, 5, 2, 2, 3, device="meta", requires_grad=True)
+    args = (value, spatial_shapes, level_start_index, locations, weights)
+    output = ms_deform_attn(*args, spatial_shapes_list=levels, backend="triton")
+    output.float().sum().backward()
+    assert [name for name, _ in launches] == ["forward", "backward"]
+    assert output.shape == (2, 5, 8) and output.dtype == torch.bfloat16
+    assert value.grad.dtype == torch.bfloat16 and locations.grad.dtype == torch.float32
+    # The control: without the host sizes the level tensors are read, which fails on meta tensors.
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        ms_deform_attn(*args, backend="triton")

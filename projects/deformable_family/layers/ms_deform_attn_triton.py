@@ -32,7 +32,7 @@ import functools
 import importlib
 import warnings
 from types import ModuleType
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -222,6 +222,8 @@ def ms_deform_attn_triton(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    *,
+    spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None,
 ) -> torch.Tensor:
     """Multi-scale deformable sampling with the Triton kernels; the arguments, the result and the
     semantics are those of :func:`deformable_family.layers.ms_deform_attn`, with the same validation.
@@ -232,6 +234,9 @@ def ms_deform_attn_triton(
         level_start_index: (L,) int64, first row of each level in S.
         sampling_locations: (N, Lq, M, L, P, 2) normalised (x, y).
         attention_weights: (N, Lq, M, L, P).
+        spatial_shapes_list: optional, keyword only: spatial_shapes as L (H, W) pairs of Python ints;
+            with it the level sizes are validated without reading a tensor on the GPU (see
+            :func:`ms_deform_attn`); the kernels themselves never read outside value either way.
 
     Returns:
         (N, Lq, M * D) in value's dtype, accumulated in float32. Differentiable in value,
@@ -244,7 +249,12 @@ def ms_deform_attn_triton(
             the first use, see the module docstring), or when triton is not installed.
     """
     check_ms_deform_attn_inputs(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        spatial_shapes_list=spatial_shapes_list,
     )
     if value.dtype == torch.float64:
         # tl.atomic_add and the float32 accumulator would silently lose float64's precision.
