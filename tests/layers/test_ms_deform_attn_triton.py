@@ -78,6 +78,7 @@ CASES = {
     "d33-l4-p8": (33, [(7, 5), (4, 6), (3, 2), (1, 3)], 8, 5),
     "d7-l5-p3": (7, [(7, 5), (4, 6), (3, 2), (1, 3), (1, 1)], 3, 4),
     "d32-l2-p4-q70": (32, [(5, 8), (3, 4)], 4, 70),
+    "d4-l4-empty-p2": (4, [(4, 5), (0, 3), (2, 2), (3, 0)], 2, 5),
 }
 
 
@@ -155,6 +156,33 @@ def test_outside_and_non_finite_locations_read_nothing():
     assert_close_to_reference(
         _to((value, spatial_shapes, level_start_index, locations, zeroed)), FLOAT32_TOLERANCE
     )
+
+
+def test_no_read_outside_value_whatever_the_level_tensors_hold():
+    """The kernels mask every corner to rows 0 <= row < S, so level tensors that disagree with value
+    (which validation rejects, and which a GPU call given spatial_shapes_list does not read) cannot
+    make them read outside it. value sits between nan guard rows; the autograd function is called
+    directly, without validation, with levels that overrun value at both ends."""
+    num_rows, guard = 12, 16
+    generator = torch.Generator().manual_seed(38)
+    buffer = torch.full((1, guard + num_rows + guard, 2, 4), float("nan"))
+    buffer[:, guard : guard + num_rows] = torch.randn(1, num_rows, 2, 4, generator=generator)
+    value = buffer[:, guard : guard + num_rows].to(DEVICE)  # contiguous: no copy on the CPU
+    if DEVICE == "cpu":  # on a GPU the guard rows are not copied with value
+        assert value.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    assert value.is_contiguous()
+    spatial_shapes = torch.tensor([[4, 5], [3, 6]], device=DEVICE)  # 38 rows described, 12 exist
+    level_start_index = torch.tensor([-8, 10], device=DEVICE)
+    locations = torch.rand(1, 6, 2, 2, 4, 2, generator=generator).to(DEVICE)
+    weights = torch.rand(1, 6, 2, 2, 4, generator=generator).to(DEVICE)
+    # detach, not clone: value must stay inside the guarded buffer.
+    leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
+    output = triton_module._MSDeformAttnTriton.apply(
+        leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2]
+    )
+    grads = torch.autograd.grad(output, leaves, torch.ones_like(output))
+    assert torch.isfinite(output).all() and output.abs().max() > 0
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 # A 16-bit result is the float32 accumulation rounded once: within half an ulp of the largest value
