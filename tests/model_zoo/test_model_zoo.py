@@ -115,3 +115,25 @@ def test_resolve_config_file_takes_a_path_or_a_name(tmp_path, monkeypatch):
         FileNotFoundError, match="no such file.*Close names: quickstart/deformable_detr_shapes.py"
     ):
         model_zoo.resolve_config_file("quickstart/deformable_detr_shape.py")
+
+
+def test_train_net_and_tools_take_a_model_zoo_name(capsys):
+    import sys
+
+    from detectron2.engine import default_argument_parser
+
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import model_stats
+    import train_net
+
+    args = default_argument_parser().parse_args(["--config-file", QUICKSTART, "model.num_queries=7"])
+    cfg = train_net.setup(args)
+    assert os.path.samefile(args.config_file, os.path.join(ROOT, "configs", QUICKSTART))
+    assert cfg.model.num_queries == 7
+    bad = default_argument_parser().parse_args(["--config-file", "quickstart/deformable_detr_shape"])
+    with pytest.raises(FileNotFoundError, match="Close names: quickstart/deformable_detr_shapes.py"):
+        train_net.setup(bad)
+
+    assert model_stats.main(["--config-file", QUICKSTART, "--no-flops"]) == 0
+    assert "parameters:" in capsys.readouterr().out
