@@ -127,12 +127,18 @@ def test_train_net_and_tools_take_a_model_zoo_name(capsys):
     import model_stats
     import train_net
 
-    args = default_argument_parser().parse_args(["--config-file", QUICKSTART, "model.num_queries=7"])
+    args = default_argument_parser().parse_args(
+        ["--config-file", QUICKSTART, "model.num_queries=7"]
+    )
     cfg = train_net.setup(args)
     assert os.path.samefile(args.config_file, os.path.join(ROOT, "configs", QUICKSTART))
     assert cfg.model.num_queries == 7
-    bad = default_argument_parser().parse_args(["--config-file", "quickstart/deformable_detr_shape"])
-    with pytest.raises(FileNotFoundError, match="Close names: quickstart/deformable_detr_shapes.py"):
+    bad = default_argument_parser().parse_args(
+        ["--config-file", "quickstart/deformable_detr_shape"]
+    )
+    with pytest.raises(
+        FileNotFoundError, match="Close names: quickstart/deformable_detr_shapes.py"
+    ):
         train_net.setup(bad)
 
     assert model_stats.main(["--config-file", QUICKSTART, "--no-flops"]) == 0

@@ -5,7 +5,7 @@ Each row comes from three places, all in the config's folder (``configs/<family>
 * the config itself: backbone (``model.backbone``) and schedule (``train.max_iter``,
   ``dataloader.train.total_batch_size`` and the training set);
 * ``model_zoo.yaml``, written by hand: the family's name and paper, and per config its variant and the
-  paper's COCO val AP (null where the paper has none);
+  paper's AP (COCO val2017 box AP unless ``metric`` says otherwise; null where the paper has none);
 * ``model_stats.json``, written by ``tools/model_stats.py --config-file NAME --record``: parameter
   counts and GFLOPs of the config as shipped.
 
@@ -31,8 +31,9 @@ __all__ = ["ZooEntry", "read_metadata", "read_stats", "record_stats", "zoo_entri
 
 METADATA_FILE = "model_zoo.yaml"
 STATS_FILE = "model_stats.json"
-_METADATA_KEYS = {"family", "paper", "configs"}
-_ENTRY_KEYS = {"variant", "paper_ap"}
+_METADATA_KEYS = {"family", "paper", "metric", "configs"}
+_ENTRY_KEYS = {"variant", "paper_ap", "family"}
+DEFAULT_METRIC = "COCO val2017 box AP"
 _STATS_KEYS = {"parameters", "trainable_parameters", "gflops", "input_size"}
 
 # Training-set sizes, to express a schedule in epochs: (dataset name, filter_empty) -> images.
@@ -57,17 +58,27 @@ class ZooEntry:
     input_size: Optional[Sequence[int]]  # (height, width) of the GFLOPs count
     paper_ap: Optional[float]
     paper: Optional[str]  # the family's paper, where paper_ap comes from
+    metric: str  # what paper_ap measures
 
 
 def read_metadata(folder: str) -> Dict[str, Any]:
-    """``folder/model_zoo.yaml``, validated (``{}`` when the folder has none)."""
+    """``folder/model_zoo.yaml``, validated (``{}`` when the folder has none).
+
+    Keys: ``family`` (the name shown; default: the folder's), ``paper`` (where the AP comes from),
+    ``metric`` (what the AP measures; default: COCO val2017 box AP) and ``configs``: per config file
+    ``variant``, ``paper_ap`` (a number or null) and optionally its own ``family`` (a folder such as
+    ``quickstart/`` holds several families).
+    """
     path = os.path.join(folder, METADATA_FILE)
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
         metadata = yaml.safe_load(f) or {}
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("family"), str):
-        raise ValueError(f"{path}: expected a mapping with a 'family' name, got {metadata!r}")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: expected a mapping, got {metadata!r}")
+    for key in ("family", "paper", "metric"):
+        if key in metadata and not isinstance(metadata[key], str):
+            raise ValueError(f"{path}: '{key}' must be a string, got {metadata[key]!r}")
     unknown = set(metadata) - _METADATA_KEYS
     if unknown:
         raise ValueError(
@@ -86,6 +97,8 @@ def read_metadata(folder: str) -> Dict[str, Any]:
             raise ValueError(
                 f"{where}: expected a mapping with keys among {sorted(_ENTRY_KEYS)}, got {entry!r}"
             )
+        if "family" in entry and not isinstance(entry["family"], str):
+            raise ValueError(f"{where}: family must be a string, got {entry['family']!r}")
         paper_ap = entry.get("paper_ap")
         if paper_ap is not None and (
             isinstance(paper_ap, bool) or not isinstance(paper_ap, (int, float))
@@ -210,7 +223,7 @@ def zoo_entries(prefixes: Iterable[str] = ()) -> List[ZooEntry]:
             entries.append(
                 ZooEntry(
                     name=name,
-                    family=metadata.get("family", folder_name),
+                    family=entry.get("family", metadata.get("family", folder_name)),
                     variant=entry.get("variant", os.path.splitext(file)[0]),
                     backbone=_backbone(cfg),
                     schedule=_schedule(cfg),
@@ -219,6 +232,7 @@ def zoo_entries(prefixes: Iterable[str] = ()) -> List[ZooEntry]:
                     input_size=record.get("input_size"),
                     paper_ap=entry.get("paper_ap"),
                     paper=metadata.get("paper"),
+                    metric=metadata.get("metric", DEFAULT_METRIC),
                 )
             )
     return entries
@@ -268,15 +282,11 @@ def render_table(entries: Sequence[ZooEntry]) -> str:
         + " |"
     )
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    papers = {}
+    sources = {}
     for entry in entries:
-        if entry.paper and entry.paper_ap is not None:
-            papers.setdefault(entry.family, entry.paper)
-    if papers:
-        lines += [
-            "",
-            "AP (paper): COCO val2017, from "
-            + "; ".join(f"{f}: {p}" for f, p in papers.items())
-            + ".",
-        ]
+        if entry.paper_ap is not None:
+            source = entry.metric + (f", {entry.paper}" if entry.paper else "")
+            sources.setdefault(entry.family, source)
+    if sources:
+        lines += ["", "AP (paper): " + "; ".join(f"{f}: {s}" for f, s in sources.items()) + "."]
     return "\n".join(lines)
