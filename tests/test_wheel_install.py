@@ -2,8 +2,8 @@
 fresh virtual environment that reuses the current torch/detectron2, and from a folder outside the
 checkout build a model by model-zoo name and run one forward pass.
 
-About 2-3 minutes on 2 quiet cores, mostly compiling the CPU kernel (the CUDA kernel is not built here, even
-in CI's FORCE_CUDA=1 run: that compile is checked by the set-up). Deselect with ``-m "not wheel"``.
+About 2-3 minutes on 2 quiet cores, mostly compiling the CPU kernel (the CUDA kernel is not built
+here, even in CI's FORCE_CUDA=1 run: the set-up checks that compile). Deselect with -m "not wheel".
 """
 
 import json
