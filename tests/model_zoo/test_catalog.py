@@ -27,15 +27,17 @@ def _count(model, trainable_only=False):
 def test_every_config_has_metadata_and_recorded_statistics():
     entries = {e.name: e for e in catalog.zoo_entries()}
     assert sorted(entries) == NAMES
+    problems = []
     for name in NAMES:
         folder, file = os.path.split(name)
-        hint = f"configs/{folder}/{catalog.METADATA_FILE}"
-        assert file in catalog.read_metadata(os.path.join(model_zoo.configs_root(), folder)).get(
-            "configs", {}
-        ), f"{name} has no entry in {hint}: add `{file}: {{variant: ..., paper_ap: ...}}` there"
-        assert (
-            entries[name].parameters is not None
-        ), f"{name} has no recorded statistics: run python tools/model_stats.py --config-file {name} --record"
+        described = catalog.read_metadata(os.path.join(model_zoo.configs_root(), folder))
+        if file not in described.get("configs", {}):
+            problems.append(
+                f"add `{file}: {{variant: ..., paper_ap: ...}}` to configs/{folder}/{catalog.METADATA_FILE}"
+            )
+        if entries[name].parameters is None:
+            problems.append(f"run python tools/model_stats.py --config-file {name} --record")
+    assert not problems, "Model-zoo table rows incomplete:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("name", NAMES)
