@@ -101,6 +101,7 @@ if "CUDA_HOME" not in os.environ and path.isdir("/usr/local/cuda"):
     # torch otherwise guesses /usr/local when nvcc is not on PATH, and cannot link cudart.
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
+
 class BuildPyWithConfigs(build_py):
     """build_py, plus a copy of the top-level ``configs/`` tree into the built package.
 
@@ -143,7 +144,7 @@ setup(
     description="The deformable family of query-based detectors (Deformable DETR, SMCA, AdaMixer, ...) for detectron2",
     package_dir={"deformable_family": PACKAGE_DIR},
     packages=find_packages(where="projects", include=["deformable_family", "deformable_family.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # the pinned torch 2.14 needs 3.10
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext, "build_py": BuildPyWithConfigs},
 )

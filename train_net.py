@@ -25,7 +25,14 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 import deformable_family.data  # noqa: F401  (registers the built-in "shapes" dataset)
-from deformable_family.engine import AtomicDetectionCheckpointer, EMAHook, build_trainer, default_setup, launch
+from deformable_family.engine import (
+    AtomicDetectionCheckpointer,
+    EMAHook,
+    build_trainer,
+    default_setup,
+    launch,
+    load_ema_weights,
+)
 
 logger = logging.getLogger("detectron2")
 
@@ -115,7 +122,11 @@ def main(args) -> Optional[Dict[str, Any]]:
     model.to(cfg.train.device)
     model = create_ddp_model(model, **_ddp_options(cfg))
     # --eval-only --resume evaluates the last checkpoint of output_dir, else train.init_checkpoint.
-    AtomicDetectionCheckpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    checkpoint = AtomicDetectionCheckpointer(model, cfg.train.output_dir).resume_or_load(
+        cfg.train.init_checkpoint, resume=args.resume
+    )
+    # With train.ema.enabled, evaluate what training evaluated: the EMA stored in the checkpoint.
+    load_ema_weights(model, checkpoint, enabled=cfg.train.get("ema", {}).get("enabled", False))
     return do_test(cfg, model)
 
 

@@ -16,7 +16,6 @@ from typing import List
 import torch
 
 import deformable_family.model_zoo  # noqa: I001  (before detectron2: see train_net.py)
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
@@ -24,6 +23,7 @@ from detectron2.utils.visualizer import Visualizer
 
 import deformable_family.data  # noqa: F401  (registers the built-in datasets)
 from deformable_family.data import read_image_or_fail
+from deformable_family.engine import AtomicDetectionCheckpointer, load_ema_weights
 
 logger = logging.getLogger("deformable_family.demo")
 
@@ -57,7 +57,8 @@ def main(argv: List[str] = None) -> List[str]:
     model.to(cfg.train.device)
     model.eval()
     if cfg.train.init_checkpoint:
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        checkpoint = AtomicDetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        load_ema_weights(model, checkpoint, enabled=cfg.train.get("ema", {}).get("enabled", False))
     else:
         logger.warning("train.init_checkpoint is empty: drawing the detections of a randomly initialised model")
     mapper = instantiate(cfg.dataloader.test.mapper)

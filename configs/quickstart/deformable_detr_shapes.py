@@ -29,7 +29,6 @@ model.backbone.in_features = ["res3", "res4"]
 model.backbone.num_extra_levels = 1
 model.transformer.num_levels = 3
 model.transformer.d_model = 128
-model.position_embedding.num_pos_feats = 64  # d_model / 2 per axis
 model.transformer.encoder.num_layers = 1
 model.transformer.decoder.num_layers = 3
 model.transformer.encoder.d_ffn = 256

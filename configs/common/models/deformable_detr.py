@@ -26,7 +26,7 @@ model = L(DeformableDETR)(
         stride_in_1x1=False,  # torchvision-style ResNet weights
     ),
     position_embedding=L(PositionEmbeddingSine)(
-        num_pos_feats=128,  # d_model / 2 per axis; change with transformer.d_model
+        num_channels="${..transformer.d_model}",  # d_model / 2 sine features per axis
         temperature=10000,
         normalize=True,
     ),

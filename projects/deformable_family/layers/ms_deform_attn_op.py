@@ -149,8 +149,10 @@ def _warn_fallback_once(reason: str) -> None:
         _warned_fallback.add(reason)
         warnings.warn(
             f"deformable_family: {reason}; ms_deform_attn falls back to ms_deform_attn_reference "
-            "(pure PyTorch grid_sample: slower and more memory). Build the extension with "
-            "`python setup.py build_ext --inplace` (FORCE_CUDA=1 for CUDA) to use the kernels.",
+            "(pure PyTorch grid_sample: slower and more memory). Build the kernels with the "
+            "documented set-up, `bash tools/setup_env.sh` (FORCE_CUDA=1 for CUDA; "
+            "DF_USE_ACTIVE_ENV=1 for the active environment), which installs this package with "
+            "its extension.",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .losses import giou_box_loss, l1_box_loss, sigmoid_focal_loss
-from .matcher import check_targets
+from .matcher import CheckedTargets, check_targets
 
 __all__ = ["SetCriterion", "compute_num_boxes"]
 
@@ -129,7 +129,9 @@ class SetCriterion(nn.Module):
             dict of weighted 0-dim losses, see the class docstring for the keys.
         """
         pred_logits = outputs["pred_logits"]
-        check_targets(targets, pred_logits.shape[0], self.num_classes)
+        # Validated once here, where the targets enter; the matcher does not validate a
+        # CheckedTargets list again for each output set.
+        targets = check_targets(targets, pred_logits.shape[0], self.num_classes)
         num_boxes = compute_num_boxes(targets, pred_logits.device)
 
         losses = self._losses_of(outputs, targets, num_boxes, "", "outputs", self.num_classes)
@@ -150,10 +152,13 @@ class SetCriterion(nn.Module):
             # The proposals are scored as foreground vs. background: every target becomes class 0,
             # as in the authors' code. With C proposal logits (as they have), column 0 learns
             # foreground and the other columns are always negatives.
-            binary_targets = [
-                {"labels": torch.zeros_like(target["labels"]), "boxes": target["boxes"]}
-                for target in targets
-            ]
+            binary_targets = CheckedTargets(
+                [
+                    {"labels": torch.zeros_like(target["labels"]), "boxes": target["boxes"]}
+                    for target in targets
+                ],
+                num_classes=1,
+            )
             num_enc_classes = enc_outputs["pred_logits"].shape[-1]
             losses.update(
                 self._losses_of(

@@ -20,6 +20,7 @@ __all__ = [
     "l1_box_cost",
     "giou_box_cost",
     "check_targets",
+    "CheckedTargets",
 ]
 
 # Added inside the logs of the focal class cost so that p = 0 or p = 1 gives a large finite cost,
@@ -29,14 +30,30 @@ _LOG_EPS = 1e-8
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def check_targets(targets: Sequence[Dict[str, Tensor]], batch_size: int, num_classes: int) -> None:
+class CheckedTargets(list):
+    """The targets of a batch, as returned by :func:`check_targets`: a list that remembers it was
+    validated with labels in ``[0, num_classes)``, so that the matcher, called once per output set
+    by the criterion, does not validate the same targets again."""
+
+    def __init__(self, targets: Sequence[Dict[str, Tensor]], num_classes: int):
+        super().__init__(targets)
+        self.num_classes = num_classes
+
+
+def check_targets(
+    targets: Sequence[Dict[str, Tensor]], batch_size: int, num_classes: int
+) -> CheckedTargets:
     """
-    Validate the targets of a batch.
+    Validate the targets of a batch where they enter (the criterion), with one host sync for the
+    values of the whole batch.
 
     Args:
         targets: list of ``batch_size`` dicts with "labels" (n,) int64 and "boxes" (n, 4).
         batch_size: B of the predictions.
         num_classes: labels must lie in [0, num_classes).
+
+    Returns:
+        the same dicts as a :class:`CheckedTargets` list.
 
     Raises:
         TypeError / ValueError naming the image index and the field at fault.
@@ -47,6 +64,7 @@ def check_targets(targets: Sequence[Dict[str, Tensor]], batch_size: int, num_cla
         raise ValueError(
             f"targets has {len(targets)} entries but the predictions have batch size {batch_size}"
         )
+    invalid_flags = []
     for image_index, target in enumerate(targets):
         for field in ("labels", "boxes"):
             if field not in target:
@@ -65,14 +83,20 @@ def check_targets(targets: Sequence[Dict[str, Tensor]], batch_size: int, num_cla
             raise ValueError(
                 f"targets[{image_index}] has {labels.shape[0]} labels but {boxes.shape[0]} boxes"
             )
-        # "all(w >= 0)" rather than "any(w < 0)" so that NaN fails too.
-        boxes_valid = torch.isfinite(boxes).all() & (boxes[:, 2:] >= 0).all()
-        if boxes.numel() > 0 and not bool(boxes_valid):
-            raise ValueError(
-                f"targets[{image_index}]['boxes'] must be finite normalised cxcywh boxes with "
-                "w, h >= 0"
-            )
         if labels.numel() > 0:
+            flag = _invalid_values(labels, boxes, num_classes)
+            invalid_flags.append(flag.to(targets[0]["labels"].device))
+    # One sync for the batch; the slow path below only runs to say what is wrong.
+    if invalid_flags and bool(torch.stack(invalid_flags).any()):
+        for image_index, target in enumerate(targets):
+            labels, boxes = target["labels"], target["boxes"]
+            # "all(w >= 0)" rather than "any(w < 0)" so that NaN fails too.
+            boxes_valid = torch.isfinite(boxes).all() & (boxes[:, 2:] >= 0).all()
+            if boxes.numel() > 0 and not bool(boxes_valid):
+                raise ValueError(
+                    f"targets[{image_index}]['boxes'] must be finite normalised cxcywh boxes with "
+                    "w, h >= 0"
+                )
             invalid = (labels < 0) | (labels >= num_classes)
             if bool(invalid.any()):
                 bad_label = int(labels[invalid][0])
@@ -80,6 +104,25 @@ def check_targets(targets: Sequence[Dict[str, Tensor]], batch_size: int, num_cla
                     f"targets[{image_index}]['labels'] has label {bad_label} outside "
                     f"[0, {num_classes})"
                 )
+    return CheckedTargets(targets, num_classes)
+
+
+def _invalid_values(labels: Tensor, boxes: Tensor, num_classes: int) -> Tensor:
+    """0-dim bool on the targets' device: any non-finite box, negative size or label outside
+    [0, num_classes)."""
+    boxes_valid = torch.isfinite(boxes).all() & (boxes[:, 2:] >= 0).all()
+    return ~boxes_valid | ((labels < 0) | (labels >= num_classes)).any()
+
+
+def _check_predictions_finite(image_index: int, pred_logits: Tensor, pred_boxes: Tensor) -> None:
+    """Raise naming the image when its predictions hold NaN or inf (run only once an error was
+    found, to say what it is: the predictions are not checked on the normal path)."""
+    logits_finite = torch.isfinite(pred_logits[image_index]).all()
+    if not bool(logits_finite & torch.isfinite(pred_boxes[image_index]).all()):
+        raise ValueError(
+            f"outputs['pred_logits'][{image_index}] or outputs['pred_boxes'][{image_index}] "
+            "has NaN or inf entries: the model diverged or produced invalid predictions"
+        )
 
 
 def focal_class_cost(logits: Tensor, target_labels: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -204,7 +247,9 @@ class HungarianMatcher(nn.Module):
         Args:
             outputs: {"pred_logits": (B, Q, C) logits, "pred_boxes": (B, Q, 4) normalised cxcywh};
                 other keys are ignored.
-            targets: list of B dicts {"labels": (n_b,) int64, "boxes": (n_b, 4) normalised cxcywh}.
+            targets: list of B dicts {"labels": (n_b,) int64, "boxes": (n_b, 4) normalised cxcywh};
+                validated here unless it is the :class:`CheckedTargets` that ``check_targets``
+                returned (the criterion validates once for all its output sets).
 
         Returns:
             list of B tuples (query_idx, target_idx), int64 CPU tensors of length min(Q, n_b),
@@ -224,35 +269,43 @@ class HungarianMatcher(nn.Module):
                 f"{tuple(pred_logits.shape[:2]) + (4,)}, got {tuple(pred_boxes.shape)}"
             )
         batch_size, _, num_classes = pred_logits.shape
-        check_targets(targets, batch_size, num_classes)
-        logits_finite = torch.isfinite(pred_logits).flatten(1).all(1)
-        boxes_finite = torch.isfinite(pred_boxes).flatten(1).all(1)
-        finite_per_image = logits_finite & boxes_finite
-        if not bool(finite_per_image.all()):
-            image_index = int(torch.nonzero(~finite_per_image)[0])
-            raise ValueError(
-                f"outputs['pred_logits'][{image_index}] or outputs['pred_boxes'][{image_index}] "
-                "has NaN or inf entries: the model diverged or produced invalid predictions"
-            )
+        if not (
+            isinstance(targets, CheckedTargets)
+            and len(targets) == batch_size
+            and targets.num_classes <= num_classes
+        ):
+            targets = check_targets(targets, batch_size, num_classes)
 
-        indices = []
+        costs = {}
         for image_index, target in enumerate(targets):
             if target["labels"].numel() == 0:
-                empty = torch.empty(0, dtype=torch.int64)
-                indices.append((empty, empty.clone()))
                 continue
             try:
-                cost = self.cost_matrix(
+                costs[image_index] = self.cost_matrix(
                     pred_logits[image_index],
                     pred_boxes[image_index],
                     target["labels"],
                     target["boxes"],
-                ).cpu()
+                )
             except ValueError as error:
+                _check_predictions_finite(image_index, pred_logits, pred_boxes)
                 # The box ops name their arguments boxes1 (predictions) and boxes2 (targets):
                 # say which image.
                 raise ValueError(f"matching image {image_index}: {error}") from error
+        # One device-to-host copy for the batch (scipy solves on the CPU).
+        if costs:
+            flat = torch.cat([cost.flatten() for cost in costs.values()]).cpu()
+            costs = dict(zip(costs, flat.split([cost.numel() for cost in costs.values()])))
+
+        indices = []
+        for image_index, target in enumerate(targets):
+            if image_index not in costs:
+                empty = torch.empty(0, dtype=torch.int64)
+                indices.append((empty, empty.clone()))
+                continue
+            cost = costs[image_index].view(pred_logits.shape[1], -1)
             if not bool(torch.isfinite(cost).all()):
+                _check_predictions_finite(image_index, pred_logits, pred_boxes)
                 raise ValueError(
                     f"the matching cost of image {image_index} has NaN or inf entries: check "
                     f"outputs['pred_logits'][{image_index}], "
