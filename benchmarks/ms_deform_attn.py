@@ -22,7 +22,8 @@ machine and the command, to benchmarks/results/ms_deform_attn_<device>.md (or --
 
 Implementations: "kernel" is ms_deform_attn with its default backend (the compiled extension),
 "triton" is ms_deform_attn_triton (CUDA only: on the CPU it would run in Triton's interpreter), and
-"reference" is ms_deform_attn_reference. Ratio rows give each one's time and memory over the kernel's.
+"reference" is ms_deform_attn_reference. Ratio rows give each one's time and memory over the
+kernel's.
 """
 import argparse
 import json
@@ -57,7 +58,9 @@ def select_implementations(device: torch.device, names=None) -> Dict[str, Callab
     if names is None:
         names = [n for n in IMPLEMENTATIONS if device.type == "cuda" or n != "triton"]
     if "triton" in names and device.type != "cuda":
-        raise ValueError("--implementations triton needs --device cuda (on the CPU Triton only interprets)")
+        raise ValueError(
+            "--implementations triton needs --device cuda (on the CPU Triton only interprets)"
+        )
     names = ["kernel"] + [n for n in names if n != "kernel"]
     return {name: IMPLEMENTATIONS[name] for name in names}
 
@@ -175,9 +178,8 @@ def machine_lines(device: torch.device) -> List[str]:
     if device.type == "cuda":
         import triton
 
-        lines.append(
-            f"- GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, triton {triton.__version__}"
-        )
+        gpu = torch.cuda.get_device_name(device)
+        lines.append(f"- GPU: {gpu}, CUDA {torch.version.cuda}, triton {triton.__version__}")
     return lines
 
 
@@ -232,7 +234,8 @@ def main(argv=None) -> None:
             values = " | ".join(f"{v:.1f}" for v in measured[name])
             table.append(f"| {stage} | {batch} | {num_queries} | {name} | {values} |")
         for name in list(implementations)[1:]:
-            ratios = " | ".join(f"**{r / k:.1f}x**" for r, k in zip(measured[name], measured["kernel"]))
+            pairs = zip(measured[name], measured["kernel"])
+            ratios = " | ".join(f"**{r / k:.1f}x**" for r, k in pairs)
             table.append(f"| {stage} | {batch} | {num_queries} | {name} / kernel | {ratios} |")
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
