@@ -75,6 +75,9 @@ def add_deformable_detr_config(cfg: CN) -> None:
     _C.NHEADS = 8
     _C.ENC_N_POINTS = 4
     _C.DEC_N_POINTS = 4
+    # The sampling op's implementation per stage: "extension" (compiled CPU/CUDA) or "triton" (CUDA).
+    _C.ENC_ATTN_BACKEND = "extension"
+    _C.DEC_ATTN_BACKEND = "extension"
     _C.POSITION_TEMPERATURE = 10000.0
 
     # Loss weights and matching costs (focal class, L1 and GIoU box terms)

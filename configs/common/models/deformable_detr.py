@@ -39,6 +39,8 @@ model = L(DeformableDETR)(
             n_levels="${..num_levels}",
             n_heads=8,
             n_points=4,
+            # "extension" (the compiled CPU/CUDA kernels) or "triton" (the Triton kernels, CUDA).
+            attn_backend="extension",
         ),
         decoder=L(DeformableDecoder)(
             num_layers=6,
@@ -48,6 +50,7 @@ model = L(DeformableDETR)(
             n_levels="${..num_levels}",
             n_heads=8,
             n_points=4,
+            attn_backend="extension",  # "extension" or "triton", as the encoder
         ),
         d_model=256,
         num_levels=4,

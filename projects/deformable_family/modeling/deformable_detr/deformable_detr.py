@@ -219,10 +219,16 @@ class DeformableDETR(nn.Module):
             n_heads=config.NHEADS,
         )
         encoder = DeformableEncoder(
-            num_layers=config.ENC_LAYERS, n_points=config.ENC_N_POINTS, **layer_sizes
+            num_layers=config.ENC_LAYERS,
+            n_points=config.ENC_N_POINTS,
+            attn_backend=config.ENC_ATTN_BACKEND,
+            **layer_sizes,
         )
         decoder = DeformableDecoder(
-            num_layers=config.DEC_LAYERS, n_points=config.DEC_N_POINTS, **layer_sizes
+            num_layers=config.DEC_LAYERS,
+            n_points=config.DEC_N_POINTS,
+            attn_backend=config.DEC_ATTN_BACKEND,
+            **layer_sizes,
         )
         transformer = DeformableTransformer(
             encoder=encoder,
