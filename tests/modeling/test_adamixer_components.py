@@ -182,8 +182,9 @@ def test_adaptive_sampler_points_formula_and_init():
     randomize(sampler, generator)
     query = torch.randn(1, 2, 16, generator=generator)
     xyzr = random_xyzr(1, 2, generator)
-    points_xy, points_z = sampler(query, xyzr)
-    offsets = sampler.offsets(query).view(1, 2, 2, 3, 3)
+    with torch.no_grad():
+        points_xy, points_z = sampler(query, xyzr)
+        offsets = sampler.offsets(query).view(1, 2, 2, 3, 3)
     for n in range(2):
         x, y, z, r = xyzr[0, n].tolist()
         w, h = 2 ** (z - r / 2), 2 ** (z + r / 2)
