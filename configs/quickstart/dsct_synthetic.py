@@ -11,6 +11,7 @@ from detectron2.data import transforms as T
 from deformable_family.data import load_dataset_dicts
 
 from ..common.data.emotic_detr import dataloader
+from ..common.models.cpu_small import shrink_for_cpu
 from ..common.models.dsct import model
 from ..common.optim import optimizer
 from ..common.schedule import lr_multiplier
@@ -33,21 +34,9 @@ dataloader.test.mapper.augmentations = [
 ]
 dataloader.test.num_workers = 1
 
-# As the shapes quickstart: a ResNet-18 trained from scratch (trainable BN, nothing frozen, no res5),
-# three levels (strides 8, 16, 32), d_model 128, 1 encoder and 3 decoder layers, no dropout.
-model.backbone.depth = 18
-model.backbone.freeze_at = 0
-model.backbone.norm = "BN"
-model.backbone.in_features = ["res3", "res4"]
-model.backbone.num_extra_levels = 1
-model.transformer.num_levels = 3
-model.transformer.d_model = 128
-model.transformer.encoder.num_layers = 1
-model.transformer.decoder.num_layers = 3
-model.transformer.encoder.d_ffn = 256
-model.transformer.decoder.d_ffn = 256
-model.transformer.encoder.dropout = 0.0
-model.transformer.decoder.dropout = 0.0
+# As the shapes quickstart (configs/common/models/cpu_small.py): ResNet-18 from scratch, three
+# levels, d_model 128, 1 + 3 layers, no dropout.
+shrink_for_cpu(model)
 # 30 context queries (1/10 of 300) and SSRA's neighbours scaled alike (100 -> 10, 50 -> 5); 4 subject
 # queries for at most 4 persons, as EMOTIC.
 model.num_context_queries = 30
