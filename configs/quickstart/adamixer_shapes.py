@@ -7,6 +7,7 @@ from detectron2.data import transforms as T
 
 from ..common.data.shapes_detr import dataloader
 from ..common.models.adamixer import model
+from ..common.models.cpu_small import shrink_adamixer_for_cpu
 from ..common.optim import optimizer
 from ..common.schedule import lr_multiplier
 from ..common.train import train
@@ -19,17 +20,9 @@ dataloader.train.mapper.augmentations = [
 ]
 dataloader.train.total_batch_size = 4
 
-# ResNet-18 from scratch: trainable BatchNorm (not in eval mode: its statistics start random) and
-# nothing frozen. C2-C4 (strides 4, 8, 16) suit 16-56 px objects on 128 px images; res5 is not built.
-model.backbone.depth = 18
-model.backbone.in_features = ["res2", "res3", "res4"]
-model.backbone.freeze_at = 0
-model.backbone.norm_eval = False
-model.stages.num_stages = 3
-model.stages.d_model = 128
-model.stages.num_heads = 4
-model.stages.ffn_dim = 512
-model.stages.num_groups = 4
+# The quickstarts' small model (configs/common/models/cpu_small.py): ResNet-18 from scratch on
+# C2-C4, 3 stages, d_model 128.
+shrink_adamixer_for_cpu(model)
 model.stages.num_points = 16  # a 4 x 4 grid at initialisation (the authors' init for square numbers)
 model.stages.out_points = 32
 model.num_classes = 5

@@ -2,19 +2,12 @@
 # evaluated with COCOEvaluator. No weights are downloaded.
 #   python train_net.py --config-file configs/quickstart/stageinteractor_shapes.py
 # Measured wall time and AP: benchmarks/results/quickstart_adamixer.md.
+from ..common.models.cpu_small import shrink_adamixer_for_cpu
 from ..common.models.stageinteractor import model
 from .adamixer_shapes import dataloader, lr_multiplier, optimizer, train
 
-# The backbone of the AdaMixer quickstart (ResNet-18 from scratch, C2-C4).
-model.backbone.depth = 18
-model.backbone.in_features = ["res2", "res3", "res4"]
-model.backbone.freeze_at = 0
-model.backbone.norm_eval = False
-model.stages.num_stages = 3
-model.stages.d_model = 128
-model.stages.num_heads = 4
-model.stages.ffn_dim = 512
-model.stages.num_groups = 4
+# The small model of the AdaMixer quickstart (configs/common/models/cpu_small.py).
+shrink_adamixer_for_cpu(model)
 model.stages.num_points = 16  # 4 coarse x 4 fine at stages 1-2
 model.stages.first_stage_num_points = 32  # 8 coarse x 4 fine at stage 0
 model.stages.fine_points = 4

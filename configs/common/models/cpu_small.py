@@ -24,3 +24,21 @@ def shrink_for_cpu(model):
     model.transformer.encoder.dropout = 0.0
     model.transformer.decoder.dropout = 0.0
     return model
+
+
+def shrink_adamixer_for_cpu(model):
+    """The same small CPU model for an AdaMixer-style config (configs/common/models/adamixer.py or
+    stageinteractor.py): ResNet-18 from scratch (trainable BatchNorm, not in eval mode, nothing
+    frozen) on C2-C4 (strides 4, 8, 16 suit the 16-56 px objects of 128 px images; res5 is not
+    built), 3 stages, d_model 128, 4 heads, FFN 512, 4 groups; returns it. The sampling points are
+    set by each quickstart."""
+    model.backbone.depth = 18
+    model.backbone.in_features = ["res2", "res3", "res4"]
+    model.backbone.freeze_at = 0
+    model.backbone.norm_eval = False
+    model.stages.num_stages = 3
+    model.stages.d_model = 128
+    model.stages.num_heads = 4
+    model.stages.ffn_dim = 512
+    model.stages.num_groups = 4
+    return model
