@@ -17,7 +17,8 @@ class MultiScaleResNet(Backbone):
 
     Level i of the output is ``GroupNorm(Conv1x1(C_i))`` for each stage in ``in_features``; each extra
     level is ``GroupNorm(Conv3x3 stride 2)`` of the previous one (the first extra one reads the last
-    ResNet stage, e.g. C5 -> C6 at stride 64). Outputs are named ``p<log2(stride)>``.
+    ResNet stage, e.g. C5 -> C6 at stride 64). Outputs are named ``p<log2(stride)>``. With
+    ``neck_norm=""`` the GroupNorms are left out (SMCA-DETR's plain convolutions with bias).
 
     Parameter names follow the optimiser's groups: ``body.*`` (reduced lr) and ``input_proj.*``
     (full lr, as in the authors' recipe).
@@ -33,6 +34,8 @@ class MultiScaleResNet(Backbone):
         freeze_at: int = 2,
         norm: str = "FrozenBN",
         stride_in_1x1: bool = False,
+        neck_norm: str = "GN",
+        neck_init: str = "xavier",
     ):
         """
         Args:
@@ -45,6 +48,10 @@ class MultiScaleResNet(Backbone):
             freeze_at: 2 freezes the stem and res2, as the authors (only res3-res5 train).
             norm: ResNet norm; "FrozenBN" keeps ImageNet statistics as buffers.
             stride_in_1x1: False puts the stride on the 3x3 conv, as torchvision's weights expect.
+            neck_norm: "GN" puts a GroupNorm after each neck conv (Deformable DETR); "" none
+                (DETR, SMCA-DETR). Index 0 of each ``input_proj`` entry is the conv either way.
+            neck_init: "xavier" initialises the neck convs with xavier_uniform weights and zero bias
+                (Deformable DETR); "default" keeps PyTorch's Conv2d initialisation (DETR, SMCA-DETR).
         """
         super().__init__()
         if depth not in (18, 34, 50, 101):
@@ -59,6 +66,10 @@ class MultiScaleResNet(Backbone):
             raise ValueError(f"in_features must be in increasing stride order, got {in_features}")
         if num_extra_levels < 0:
             raise ValueError(f"num_extra_levels must be >= 0, got {num_extra_levels}")
+        if neck_norm not in ("GN", ""):
+            raise ValueError(f"neck_norm must be 'GN' or '' (no norm), got {neck_norm!r}")
+        if neck_init not in ("xavier", "default"):
+            raise ValueError(f"neck_init must be 'xavier' or 'default', got {neck_init!r}")
 
         stage_kwargs = {"norm": norm}
         if depth >= 50:
@@ -86,10 +97,15 @@ class MultiScaleResNet(Backbone):
                 )
             )
             in_channels = out_channels
+        if neck_norm == "":
+            projections = [nn.Sequential(projection[0]) for projection in projections]
         self.input_proj = nn.ModuleList(projections)
         for projection in self.input_proj:
             nn.init.xavier_uniform_(projection[0].weight, gain=1)
             nn.init.constant_(projection[0].bias, 0)
+        if neck_init == "default":
+            for projection in self.input_proj:
+                projection[0].reset_parameters()
 
         strides = [_STAGE_STRIDES[name] for name in in_features]
         strides += [strides[-1] * 2 ** (i + 1) for i in range(num_extra_levels)]
