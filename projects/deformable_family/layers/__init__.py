@@ -3,6 +3,7 @@ from .ms_deform_attn_reference import ms_deform_attn_reference
 from .deformable_attention import MSDeformAttn
 from .mlp import MLP
 from .position_encoding import PositionEmbeddingSine, sine_embedding
+from .spatially_modulated_attention import SpatiallyModulatedCoAttention
 
 __all__ = [
     "ms_deform_attn",
@@ -11,4 +12,5 @@ __all__ = [
     "MLP",
     "PositionEmbeddingSine",
     "sine_embedding",
+    "SpatiallyModulatedCoAttention",
 ]
