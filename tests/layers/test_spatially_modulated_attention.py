@@ -12,7 +12,9 @@ from deformable_family.layers.spatially_modulated_attention import SCALE_TYPES
 D_MODEL, N_HEADS = 16, 4
 
 
-def explicit_co_attention(module, query, key, value, modulation_input, centres, shapes, strides, mask):
+def explicit_co_attention(
+    module, query, key, value, modulation_input, centres, shapes, strides, mask
+):
     """Eq. (6)-(9) written out with an explicit softmax, independently of the module's code path:
     per level and head, softmax(q k / sqrt(d_head) - inf * padding + log G) V, weighted by alpha."""
     batch, num_queries, d_model = query.shape
@@ -20,17 +22,25 @@ def explicit_co_attention(module, query, key, value, modulation_input, centres, 
     weight, bias = module.in_proj_weight, module.in_proj_bias
 
     def project(x, part):
-        y = x @ weight[part * d_model : (part + 1) * d_model].T + bias[part * d_model : (part + 1) * d_model]
+        y = (
+            x @ weight[part * d_model : (part + 1) * d_model].T
+            + bias[part * d_model : (part + 1) * d_model]
+        )
         return y.view(batch, -1, module.n_heads, head_dim).transpose(1, 2)
 
     q, k, v = project(query, 0), project(key, 1), project(value, 2)
     levels = len(shapes)
-    offsets = module.centre_offsets(modulation_input).view(batch, num_queries, levels, module.n_heads, 2)
+    offsets = module.centre_offsets(modulation_input).view(
+        batch, num_queries, levels, module.n_heads, 2
+    )
     scales = None
     if module.gaussian_scales is not None:
-        scales = module.gaussian_scales(modulation_input).view(
-            batch, num_queries, levels, module.n_heads, -1
-        ) ** 2
+        scales = (
+            module.gaussian_scales(modulation_input).view(
+                batch, num_queries, levels, module.n_heads, -1
+            )
+            ** 2
+        )
     alpha = module.scale_weights(modulation_input).softmax(-1) if levels > 1 else None
     output = 0
     start = 0
@@ -38,7 +48,9 @@ def explicit_co_attention(module, query, key, value, modulation_input, centres, 
         size = height * width
         logits = q @ k[:, :, start : start + size].transpose(-1, -2) / math.sqrt(head_dim)
         rows, columns = torch.meshgrid(
-            torch.arange(height, dtype=query.dtype), torch.arange(width, dtype=query.dtype), indexing="ij"
+            torch.arange(height, dtype=query.dtype),
+            torch.arange(width, dtype=query.dtype),
+            indexing="ij",
         )
         centre = (centres[:, :, None, :] / stride + offsets[:, :, level]).permute(0, 2, 1, 3)
         dx2 = (columns.flatten() - centre[..., 0:1]) ** 2
@@ -80,7 +92,9 @@ def test_fused_attention_equals_explicit_softmax_in_float64(scale_type, num_leve
     query = torch.randn(batch, num_queries, D_MODEL, dtype=torch.float64, requires_grad=True)
     key = torch.randn(batch, size, D_MODEL, dtype=torch.float64, requires_grad=True)
     value = torch.randn(batch, size, D_MODEL, dtype=torch.float64, requires_grad=True)
-    modulation_input = torch.randn(batch, num_queries, D_MODEL, dtype=torch.float64, requires_grad=True)
+    modulation_input = torch.randn(
+        batch, num_queries, D_MODEL, dtype=torch.float64, requires_grad=True
+    )
     centres = (torch.rand(batch, num_queries, 2, dtype=torch.float64) * 64).requires_grad_()
     mask = torch.zeros(batch, size, dtype=torch.bool)
     mask[1, [2, 3, size - 1]] = True  # padding in image 1, on the first and the last level
@@ -116,7 +130,8 @@ def test_padded_keys_get_no_attention():
 
 def attention_map_module(scale_type, num_scale_values, scale_values, offsets_xy, stride_ratio=1.0):
     """One head, d_model 8: q/k projections zero (so the logits are the prior alone), v and the output
-    projection identity; the value of key s is the one-hot e_s, so the output is the attention map."""
+    projection identity; the value of key s is the one-hot e_s, so the output is the attention map.
+    """
     module = SpatiallyModulatedCoAttention(8, 1, 1, scale_type, smooth=8.0, dropout=0.0).double()
     with torch.no_grad():
         module.in_proj_weight.zero_()
@@ -129,13 +144,20 @@ def attention_map_module(scale_type, num_scale_values, scale_values, offsets_xy,
         if num_scale_values:
             module.gaussian_scales.weight.zero_()
             # The layer predicts the square root of each scale (the scale is its square).
-            module.gaussian_scales.bias.copy_(torch.tensor(scale_values, dtype=torch.float64).sqrt())
+            module.gaussian_scales.bias.copy_(
+                torch.tensor(scale_values, dtype=torch.float64).sqrt()
+            )
     return module
 
 
 @pytest.mark.parametrize(
     "scale_type, scale_values",
-    [("independent", [2.0, 0.5]), ("single", [3.0]), ("fixed", []), ("xy_product", [2.0, 0.5, 0.25])],
+    [
+        ("independent", [2.0, 0.5]),
+        ("single", [3.0]),
+        ("fixed", []),
+        ("xy_product", [2.0, 0.5, 0.25]),
+    ],
 )
 def test_gaussian_prior_units_on_a_hand_computed_case(scale_type, scale_values):
     """A query centred at pixel (48, 16) of the image is at cell (1.5, 0.5) of a stride-32 map; the
