@@ -7,6 +7,13 @@ from .deformable_detr import (
     convert_official_state_dict,
     detect_variant,
 )
+from .smca_detr import (
+    OfficialSMCAVariant,
+    convert_official_smca_state_dict,
+    detect_smca_variant,
+    smca_config_name_for,
+    smca_structure_overrides,
+)
 
 __all__ = [
     "OfficialVariant",
@@ -14,4 +21,9 @@ __all__ = [
     "config_name_for",
     "convert_official_state_dict",
     "detect_variant",
+    "OfficialSMCAVariant",
+    "convert_official_smca_state_dict",
+    "detect_smca_variant",
+    "smca_config_name_for",
+    "smca_structure_overrides",
 ]
