@@ -77,7 +77,8 @@ def test_training_every_trainable_parameter_gets_gradient(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_output_shapes_and_boxes_relative_to_the_query_centre(variant):
     """Eq. (12): with the box head's last layer at zero, every box is centred on its query's centre
-    (sigmoid of the centre logits) with width and height 0.5, in every decoder layer."""
+    (sigmoid of the centre logits, relative to the unpadded image) with width and height 0.5, in
+    every decoder layer."""
     model = build(variant).eval()
     with torch.no_grad():
         model.bbox_embed.layers[-1].weight.zero_()
@@ -86,7 +87,14 @@ def test_output_shapes_and_boxes_relative_to_the_query_centre(variant):
         mask = torch.zeros(2, 96, 128, dtype=torch.bool)
         mask[1, 64:, :] = True
         mask[1, :, 80:] = True
+        # The query centres are relative to each image's unpadded (width, height).
+        seen = []
+        hook = model.transformer.decoder.register_forward_pre_hook(
+            lambda module, args: seen.append(args[-1])
+        )
         outputs = model.forward_outputs(images, mask)
+        hook.remove()
+    torch.testing.assert_close(seen[0], torch.tensor([[128.0, 96.0], [80.0, 64.0]]))
     assert outputs["pred_logits"].shape == (2, 10, 80)
     assert outputs["pred_boxes"].shape == (2, 10, 4)
     assert len(outputs["aux_outputs"]) == 1
