@@ -10,18 +10,31 @@ detectron2 installs its own projects. The extension is compiled from ``kernels/`
   ``TORCH_CUDA_ARCH_LIST`` chooses the architectures; by default we build for
   Turing to Hopper (7.5 8.0 8.6 9.0, PTX for 9.0; CUDA 13 dropped Volta) when no GPU is visible.
 
-Build with ``pip install -e . --no-build-isolation`` (the extension needs the installed torch).
+The repository's ``configs/`` tree is installed as package data in
+``deformable_family/model_zoo/configs/`` (as detectron2 installs its model-zoo configs), so that
+``deformable_family.model_zoo`` finds configs by name after a non-editable install. An editable
+install reads the checkout's ``configs/`` directly.
+
+Build with ``pip install --no-build-isolation .`` or, for development, ``pip install
+--no-build-isolation -e .`` (the extension needs the installed torch).
 """
 import glob
 import os
+import shutil
 import sys
 from os import path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = path.dirname(path.abspath(__file__))
 PACKAGE_DIR = path.join("projects", "deformable_family")
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;9.0+PTX"
+CONFIGS_DIR = "configs"
+# Where the configs go inside the installed package (deformable_family.model_zoo looks there first).
+INSTALLED_CONFIGS = path.join("deformable_family", "model_zoo", "configs")
+# Configs, model-zoo metadata (model_zoo.yaml) and recorded model statistics (model_stats.json).
+CONFIG_SUFFIXES = (".py", ".yaml", ".json")
 
 
 def _version() -> str:
@@ -88,6 +101,41 @@ if "CUDA_HOME" not in os.environ and path.isdir("/usr/local/cuda"):
     # torch otherwise guesses /usr/local when nvcc is not on PATH, and cannot link cudart.
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
+
+class BuildPyWithConfigs(build_py):
+    """build_py, plus a copy of the top-level ``configs/`` tree into the built package.
+
+    A plain copy rather than ``package_data``: ``configs/`` lies outside the package's folder and
+    stays there in the repository. Editable installs skip it (the model zoo then reads the
+    checkout's ``configs/``).
+    """
+
+    def _config_files(self):
+        files = []
+        for folder, subfolders, names in os.walk(path.join(ROOT, CONFIGS_DIR)):
+            subfolders[:] = sorted(d for d in subfolders if d != "__pycache__")
+            files += [path.join(folder, n) for n in sorted(names) if n.endswith(CONFIG_SUFFIXES)]
+        return [path.relpath(f, path.join(ROOT, CONFIGS_DIR)) for f in files]
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        destination = path.join(self.build_lib, INSTALLED_CONFIGS)
+        if path.isdir(destination):
+            shutil.rmtree(destination)  # no stale config from an earlier build
+        for relative in self._config_files():
+            self.mkpath(path.dirname(path.join(destination, relative)))
+            self.copy_file(path.join(ROOT, CONFIGS_DIR, relative), path.join(destination, relative))
+
+    def get_outputs(self, include_bytecode=True):
+        outputs = super().get_outputs(include_bytecode)
+        if getattr(self, "editable_mode", False):
+            return outputs
+        destination = path.join(self.build_lib, INSTALLED_CONFIGS)
+        return outputs + [path.join(destination, f) for f in self._config_files()]
+
+
 ext_modules, build_ext = _extensions()
 
 setup(
@@ -96,7 +144,7 @@ setup(
     description="The deformable family of query-based detectors (Deformable DETR, SMCA, AdaMixer, ...) for detectron2",
     package_dir={"deformable_family": PACKAGE_DIR},
     packages=find_packages(where="projects", include=["deformable_family", "deformable_family.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # the pinned torch 2.14 needs 3.10
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": build_ext, "build_py": BuildPyWithConfigs},
 )

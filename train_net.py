@@ -2,6 +2,7 @@
 """Train or evaluate any detector of the deformable family from a LazyConfig file.
 
     python train_net.py --config-file configs/deformable_detr/deformable_detr_r50_50ep.py
+    python train_net.py --config-file deformable_detr/deformable_detr_r50_50ep.py  # model-zoo name
     python train_net.py --config-file X --num-gpus 8 train.max_iter=1000 optimizer.lr=1e-4
     python train_net.py --config-file X --eval-only train.init_checkpoint=model.pth
     python train_net.py --config-file X --resume          # continue from output_dir's last checkpoint
@@ -15,6 +16,8 @@ processes).
 import logging
 from typing import Any, Dict, Optional
 
+# Before detectron2: importing deformable_family first silences fvcore's import-time FutureWarning.
+import deformable_family.model_zoo
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -22,7 +25,14 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 import deformable_family.data  # noqa: F401  (registers the built-in "shapes" dataset)
-from deformable_family.engine import AtomicDetectionCheckpointer, EMAHook, build_trainer, default_setup, launch
+from deformable_family.engine import (
+    AtomicDetectionCheckpointer,
+    EMAHook,
+    build_trainer,
+    default_setup,
+    launch,
+    load_ema_weights,
+)
 
 logger = logging.getLogger("detectron2")
 
@@ -93,6 +103,8 @@ def do_train(args, cfg) -> None:
 
 
 def setup(args):
+    # A path or a model-zoo name; resolved in args, since default_setup logs the file's contents.
+    args.config_file = deformable_family.model_zoo.resolve_config_file(args.config_file)
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     if cfg.train.device not in ("cpu", "cuda"):
@@ -110,7 +122,11 @@ def main(args) -> Optional[Dict[str, Any]]:
     model.to(cfg.train.device)
     model = create_ddp_model(model, **_ddp_options(cfg))
     # --eval-only --resume evaluates the last checkpoint of output_dir, else train.init_checkpoint.
-    AtomicDetectionCheckpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    checkpoint = AtomicDetectionCheckpointer(model, cfg.train.output_dir).resume_or_load(
+        cfg.train.init_checkpoint, resume=args.resume
+    )
+    # With train.ema.enabled, evaluate what training evaluated: the EMA stored in the checkpoint.
+    load_ema_weights(model, checkpoint, enabled=cfg.train.get("ema", {}).get("enabled", False))
     return do_test(cfg, model)
 
 

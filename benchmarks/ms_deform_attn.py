@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark of the deformable-sampling op: compiled kernel against the grid_sample reference.
+"""Benchmark of the deformable-sampling op: compiled kernel against the grid_sample reference (and,
+on CUDA, against the Triton kernels).
 
 Deformable DETR shapes for an 800 x 1067 input (stride 8 to 64 levels 100x134, 50x67, 25x34, 13x17;
 8 heads x 32 channels, 4 levels, 4 points):
@@ -17,6 +18,12 @@ on CUDA with torch.cuda.max_memory_allocated, on CPU from the allocation events 
 machine and the command, to benchmarks/results/ms_deform_attn_<device>.md (or --output).
 
     python benchmarks/ms_deform_attn.py --device cpu --repeats 5
+    python benchmarks/ms_deform_attn.py --device cuda --repeats 20   # kernel, triton, reference
+
+Implementations: "kernel" is ms_deform_attn with its default backend (the compiled extension),
+"triton" is ms_deform_attn_triton (CUDA only: on the CPU it would run in Triton's interpreter), and
+"reference" is ms_deform_attn_reference. Ratio rows give each one's time and memory over the
+kernel's.
 """
 import argparse
 import json
@@ -31,13 +38,31 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from deformable_family.layers import ms_deform_attn, ms_deform_attn_reference
+from deformable_family.layers import ms_deform_attn, ms_deform_attn_reference, ms_deform_attn_triton
 from deformable_family.layers.ms_deform_attn_op import compiled_kernels
 
 LEVEL_SHAPES = [(100, 134), (50, 67), (25, 34), (13, 17)]  # 800 x 1067 input, strides 8, 16, 32, 64
 NUM_HEADS, HEAD_DIM, NUM_POINTS = 8, 32, 4
 DECODER_QUERIES = 300
 OFFSET_PIXELS = 2.0
+IMPLEMENTATIONS: Dict[str, Callable] = {
+    "kernel": ms_deform_attn,
+    "triton": ms_deform_attn_triton,
+    "reference": ms_deform_attn_reference,
+}
+
+
+def select_implementations(device: torch.device, names=None) -> Dict[str, Callable]:
+    """The implementations to time, "kernel" first (the ratios' denominator): by default all of
+    IMPLEMENTATIONS on CUDA and all but "triton" on the CPU."""
+    if names is None:
+        names = [n for n in IMPLEMENTATIONS if device.type == "cuda" or n != "triton"]
+    if "triton" in names and device.type != "cuda":
+        raise ValueError(
+            "--implementations triton needs --device cuda (on the CPU Triton only interprets)"
+        )
+    names = ["kernel"] + [n for n in names if n != "kernel"]
+    return {name: IMPLEMENTATIONS[name] for name in names}
 
 
 def make_case(stage: str, batch: int, device: torch.device, seed: int = 0) -> Tuple[torch.Tensor, ...]:
@@ -151,7 +176,10 @@ def machine_lines(device: torch.device) -> List[str]:
         f"- compiled kernels: {compiled_kernels() or 'none (the op falls back to the reference)'}",
     ]
     if device.type == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}")
+        import triton
+
+        gpu = torch.cuda.get_device_name(device)
+        lines.append(f"- GPU: {gpu}, CUDA {torch.version.cuda}, triton {triton.__version__}")
     return lines
 
 
@@ -160,6 +188,13 @@ def main(argv=None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--implementations",
+        nargs="+",
+        choices=list(IMPLEMENTATIONS),
+        default=None,
+        help="what to time besides the kernel (default: all; triton only with --device cuda)",
+    )
     parser.add_argument("--output", default=None, help="markdown file (default benchmarks/results/ms_deform_attn_<device>.md)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -171,7 +206,7 @@ def main(argv=None) -> None:
         print(f"warning: no compiled {device.type} kernel; 'kernel' rows measure the reference fallback")
 
     load_before = os.getloadavg()
-    implementations: Dict[str, Callable] = {"kernel": ms_deform_attn, "reference": ms_deform_attn_reference}
+    implementations = select_implementations(device, args.implementations)
     rows = []
     for stage in ("encoder", "decoder"):
         for batch in args.batch_sizes:
@@ -198,8 +233,10 @@ def main(argv=None) -> None:
         for name in implementations:
             values = " | ".join(f"{v:.1f}" for v in measured[name])
             table.append(f"| {stage} | {batch} | {num_queries} | {name} | {values} |")
-        ratios = " | ".join(f"**{r / k:.1f}x**" for r, k in zip(measured["reference"], measured["kernel"]))
-        table.append(f"| {stage} | {batch} | {num_queries} | reference / kernel | {ratios} |")
+        for name in list(implementations)[1:]:
+            pairs = zip(measured[name], measured["kernel"])
+            ratios = " | ".join(f"**{r / k:.1f}x**" for r, k in pairs)
+            table.append(f"| {stage} | {batch} | {num_queries} | {name} / kernel | {ratios} |")
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
     report = [

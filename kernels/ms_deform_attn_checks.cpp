@@ -14,6 +14,18 @@ bool is_supported_float(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
+// Locations and weights have the dtype of value, or float32 with a 16-bit value (then a location
+// keeps float32 precision: in bfloat16 a location near 1.0 is quantised to about half a pixel on a
+// 134-pixel-wide level).
+void check_coordinate_dtype(const at::Tensor& value, const at::Tensor& tensor, const char* name) {
+  const at::ScalarType dtype = tensor.scalar_type();
+  const bool value_is_16_bit = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
+  TORCH_CHECK_TYPE(
+      dtype == value.scalar_type() || (value_is_16_bit && dtype == at::kFloat), "ms_deform_attn: ", name,
+      " has dtype ", dtype, " but value has dtype ", value.scalar_type(), "; it must be ", value.scalar_type(),
+      value_is_16_bit ? " or Float (float32)" : "");
+}
+
 void check_same_device(const at::Tensor& value, const at::Tensor& other, const char* name) {
   TORCH_CHECK_VALUE(
       other.device() == value.device(), "ms_deform_attn: ", name, " is on ", other.device(),
@@ -33,12 +45,8 @@ void check_ms_deform_attn_inputs(
   TORCH_CHECK_TYPE(
       is_supported_float(value.scalar_type()), "ms_deform_attn: value must be float32, float64, float16 or "
       "bfloat16, got ", value.scalar_type());
-  TORCH_CHECK_TYPE(
-      sampling_locations.scalar_type() == value.scalar_type(), "ms_deform_attn: sampling_locations has dtype ",
-      sampling_locations.scalar_type(), " but value has dtype ", value.scalar_type(), "; they must match");
-  TORCH_CHECK_TYPE(
-      attention_weights.scalar_type() == value.scalar_type(), "ms_deform_attn: attention_weights has dtype ",
-      attention_weights.scalar_type(), " but value has dtype ", value.scalar_type(), "; they must match");
+  check_coordinate_dtype(value, sampling_locations, "sampling_locations");
+  check_coordinate_dtype(value, attention_weights, "attention_weights");
   TORCH_CHECK_TYPE(
       spatial_shapes.scalar_type() == at::kLong, "ms_deform_attn: spatial_shapes must be int64, got ",
       spatial_shapes.scalar_type());
@@ -98,22 +106,34 @@ void check_ms_deform_attn_inputs(
         num_heads * head_dim, "), got shape ", grad_output.sizes());
   }
 
-  // Values of the level description. One small copy (and, on CUDA, one synchronisation) per call:
-  // the kernels trust these numbers for every memory access, so they cannot be skipped.
-  const at::Tensor levels = at::cat({spatial_shapes.reshape({-1}), level_start_index}).to(at::kCPU);
-  const int64_t* data = levels.data_ptr<int64_t>();
+  // Values of the level description: read only where they are in host memory. Copying CUDA tensors
+  // to the host here would synchronise on every call and cannot be captured in a CUDA graph; there
+  // Python's ms_deform_attn checks host values, and the kernels skip any level whose rows are not
+  // inside value (level_is_readable), so no value read depends on this check.
+  if (!spatial_shapes.is_cpu()) {
+    return;
+  }
+  const at::Tensor shapes = spatial_shapes.contiguous();
+  const at::Tensor starts = level_start_index.contiguous();
+  const int64_t* shapes_data = shapes.data_ptr<int64_t>();
+  const int64_t* starts_data = starts.data_ptr<int64_t>();
   int64_t expected_start = 0;
   for (int64_t level = 0; level < num_levels; ++level) {
-    const int64_t height = data[2 * level];
-    const int64_t width = data[2 * level + 1];
+    const int64_t height = shapes_data[2 * level];
+    const int64_t width = shapes_data[2 * level + 1];
     TORCH_CHECK_VALUE(
         height >= 0 && width >= 0, "ms_deform_attn: spatial_shapes[", level, "] = (", height, ", ", width,
         ") must not be negative");
-    const int64_t start = data[2 * num_levels + level];
+    const int64_t start = starts_data[level];
     TORCH_CHECK_VALUE(
         start == expected_start, "ms_deform_attn: level_start_index[", level, "] = ", start,
         " is inconsistent with spatial_shapes: expected ", expected_start,
         " (the sum of H*W over the earlier levels)");
+    // Checked before the product, which could overflow for absurd sizes.
+    TORCH_CHECK_VALUE(
+        height == 0 || width <= (num_rows - expected_start) / height,
+        "ms_deform_attn: spatial_shapes describe more rows than value has: level ", level, " = (", height, ", ",
+        width, ") ends past S = ", num_rows, " (value shape ", value.sizes(), ")");
     expected_start += height * width;
   }
   TORCH_CHECK_VALUE(

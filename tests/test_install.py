@@ -32,8 +32,25 @@ def test_collect_env_runs_as_module():
     out = subprocess.run(
         [sys.executable, "-m", "deformable_family.collect_env"], capture_output=True, text=True, check=True
     ).stdout
-    for field in ("torch", "detectron2", "detectron2 compiled ops", "deformable_family._C", "ms_deform_attn kernels"):
+    fields = ("torch", "detectron2", "detectron2 compiled ops", "deformable_family._C", "ms_deform_attn kernels",
+              "deformable_family commit")
+    for field in fields:
         assert f"\n{field} " in out, f"collect_env output lacks {field!r}:\n{out}"
     expected = "yes" if detectron2_has_compiled_ops() else "no"
     line = next(line for line in out.splitlines() if line.startswith("detectron2 compiled ops"))
     assert line.split()[3] == expected
+
+
+def test_collect_env_names_the_source_commit():
+    import os
+
+    from deformable_family.collect_env import source_commit
+
+    import deformable_family
+
+    folder = os.path.dirname(deformable_family.__file__)
+    head = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        assert source_commit() == "not a git checkout"
+    else:
+        assert source_commit().split()[0] == head.stdout.strip()

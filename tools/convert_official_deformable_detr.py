@@ -5,8 +5,8 @@
 
 Detects the variant (single/multi-scale, box refinement, two-stage, ResNet depth), maps the 91 COCO
 category rows of the class heads to detectron2's 80 contiguous classes, checks that the result loads
-into the matching config in configs/deformable_detr/ with no missing or unexpected keys, prints that
-config, and writes {"model": state_dict} for detectron2's DetectionCheckpointer.
+into the matching model-zoo config (deformable_detr/...) with no missing or unexpected keys, prints
+that config, and writes {"model": state_dict} for detectron2's DetectionCheckpointer.
 """
 
 import argparse
@@ -15,6 +15,8 @@ import sys
 from typing import List
 
 import torch
+
+import deformable_family.model_zoo  # noqa: I001  (before detectron2: see train_net.py)
 from detectron2.config import LazyConfig, instantiate
 
 from deformable_family.checkpoint import (
@@ -23,11 +25,6 @@ from deformable_family.checkpoint import (
     convert_official_state_dict,
     detect_variant,
 )
-
-CONFIG_DIR = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "configs", "deformable_detr"
-)
-
 
 def load_official(path: str) -> dict:
     if not os.path.isfile(path):
@@ -66,7 +63,9 @@ def main(argv=None) -> int:
         help="two-stage proposal head width (default: --num-classes, as the configs)",
     )
     parser.add_argument(
-        "--config-file", default=None, help="config to check against (default: the matching one)"
+        "--config-file",
+        default=None,
+        help="config file or model-zoo name to check against (default: the matching one)",
     )
     args = parser.parse_args(argv)
 
@@ -75,8 +74,8 @@ def main(argv=None) -> int:
     proposal_num_classes = args.proposal_num_classes or args.num_classes
     converted = convert_official_state_dict(checkpoint, args.num_classes, proposal_num_classes)
 
-    config_file = args.config_file or os.path.normpath(
-        os.path.join(CONFIG_DIR, config_name_for(variant))
+    config_file = deformable_family.model_zoo.resolve_config_file(
+        args.config_file or f"deformable_detr/{config_name_for(variant)}"
     )
     overrides = structure_overrides(variant, args.num_classes, proposal_num_classes)
     cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), overrides)

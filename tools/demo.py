@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Draw a detector's detections on images with detectron2's Visualizer.
 
-    python tools/demo.py --config-file configs/quickstart/deformable_detr_shapes.py \
+    python tools/demo.py --config-file quickstart/deformable_detr_shapes.py \
         --input img.png --output out.png train.init_checkpoint=output/quickstart_shapes/model_final.pth
 
 The image is prepared by the config's test mapper (``dataloader.test.mapper``: same resizing and
@@ -14,7 +14,8 @@ import sys
 from typing import List
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
+
+import deformable_family.model_zoo  # noqa: I001  (before detectron2: see train_net.py)
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
@@ -22,13 +23,14 @@ from detectron2.utils.visualizer import Visualizer
 
 import deformable_family.data  # noqa: F401  (registers the built-in datasets)
 from deformable_family.data import read_image_or_fail
+from deformable_family.engine import AtomicDetectionCheckpointer, load_ema_weights
 
 logger = logging.getLogger("deformable_family.demo")
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, help="a LazyConfig python file")
+    parser.add_argument("--config-file", required=True, help="a LazyConfig file or model-zoo name")
     parser.add_argument("--input", required=True, nargs="+", help="image files")
     parser.add_argument("--output", required=True, help="an image file (one input) or a folder")
     parser.add_argument("--confidence-threshold", type=float, default=0.3, help="minimum score drawn")
@@ -48,13 +50,15 @@ def main(argv: List[str] = None) -> List[str]:
     setup_logger(name="deformable_family")
     if not 0.0 <= args.confidence_threshold <= 1.0:
         raise ValueError(f"--confidence-threshold must be in [0, 1], got {args.confidence_threshold}")
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    config_file = deformable_family.model_zoo.resolve_config_file(args.config_file)
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), args.opts)
 
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     model.eval()
     if cfg.train.init_checkpoint:
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        checkpoint = AtomicDetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        load_ema_weights(model, checkpoint, enabled=cfg.train.get("ema", {}).get("enabled", False))
     else:
         logger.warning("train.init_checkpoint is empty: drawing the detections of a randomly initialised model")
     mapper = instantiate(cfg.dataloader.test.mapper)

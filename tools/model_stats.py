@@ -3,6 +3,11 @@
 
     python tools/model_stats.py --config-file configs/deformable_detr/deformable_detr_r50_50ep.py \
         [--height 800 --width 1067] [--no-flops] [key=value overrides ...]
+    python tools/model_stats.py --config-file deformable_detr/deformable_detr_r50_50ep.py --record
+
+``--config-file`` is a path or a model-zoo name. ``--record`` writes the counts (and GFLOPs, unless
+``--no-flops``) of the config as shipped into ``model_stats.json`` next to it, which the model-zoo
+table (``python -m deformable_family.model_zoo``) reads; run it from a source checkout.
 
 FLOPs are counted by fvcore's FlopCountAnalysis (one multiply-add = one flop, its convention) on one
 image of the given size in inference mode. Ops fvcore does not know get handles here:
@@ -21,8 +26,13 @@ from collections import Counter
 from typing import Any, List
 
 import torch
+
+import deformable_family.model_zoo  # noqa: I001  (before detectron2: see train_net.py)
 from detectron2.config import LazyConfig, instantiate
 from fvcore.nn import FlopCountAnalysis
+
+from deformable_family.model_zoo import catalog, resolve_config_file
+from deformable_family.model_zoo.model_zoo import is_installed_copy
 
 
 def _shape(value) -> List[int]:
@@ -75,21 +85,37 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--config-file", required=True, help="a LazyConfig file or model-zoo name")
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1067)
     parser.add_argument("--no-flops", action="store_true", help="only count parameters")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="write the statistics into model_stats.json next to the config",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = parser.parse_args(argv)
+    config_file = resolve_config_file(args.config_file)
+    if args.record and args.opts:
+        overrides = " ".join(args.opts)
+        raise SystemExit(f"--record records the config as shipped: drop the overrides {overrides}")
+    if args.record and is_installed_copy(config_file):
+        raise SystemExit(
+            f"--record: {config_file} is the installed copy of the config; record in a checkout "
+            "(pass its configs/<family>/<file>.py, or use an editable install)"
+        )
 
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), args.opts)
     model = instantiate(cfg.model)
     model.eval()
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"config: {args.config_file} {' '.join(args.opts)}")
+    print(f"config: {config_file} {' '.join(args.opts)}")
     print(f"parameters: {total:,} total, {trainable:,} trainable")
     if args.no_flops:
+        if args.record:
+            print(f"recorded in {catalog.record_stats(config_file, total, trainable)}")
         return 0
 
     from deformable_family.layers.ms_deform_attn_op import compiled_kernels
@@ -116,6 +142,10 @@ def main(argv=None) -> int:
     skipped = analysis.unsupported_ops()
     if skipped:
         print("  not counted: " + ", ".join(f"{op} x{n}" for op, n in sorted(skipped.items())))
+    if args.record:
+        size = (args.height, args.width)
+        path = catalog.record_stats(config_file, total, trainable, total_flops / 1e9, size)
+        print(f"recorded in {path}")
     return 0
 
 

@@ -10,6 +10,9 @@ optimizer = L(torch.optim.AdamW)(
         model=None,
         base_lr="${..lr}",
         lr_multipliers={"backbone.body.": 0.1, "sampling_offsets": 0.1, "reference_points": 0.1},
+        # Two-stage models have no reference-point projection (their reference points are the
+        # encoder's proposals): no warning for that key. Other keys that match nothing warn.
+        optional_lr_multiplier_keys=["reference_points"],
         weight_decay="${..weight_decay}",
     ),
     lr=2e-4,

@@ -6,6 +6,7 @@ from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T
 
 from ..common.data.shapes_detr import dataloader
+from ..common.models.cpu_small import shrink_for_cpu
 from ..common.models.deformable_detr import model
 from ..common.optim import optimizer
 from ..common.schedule import lr_multiplier
@@ -19,24 +20,9 @@ dataloader.train.mapper.augmentations = [
 ]
 dataloader.train.total_batch_size = 4
 
-# A ResNet-18 trained from scratch: trainable BatchNorm (FrozenBN would keep its random-init
-# statistics) and nothing frozen. Three levels at strides 8, 16, 32 suit 128 px images; the third
-# comes from the neck's stride-2 conv on res4, so res5 (2/3 of ResNet-18's weights) is not built.
-model.backbone.depth = 18
-model.backbone.freeze_at = 0
-model.backbone.norm = "BN"
-model.backbone.in_features = ["res3", "res4"]
-model.backbone.num_extra_levels = 1
-model.transformer.num_levels = 3
-model.transformer.d_model = 128
-model.position_embedding.num_pos_feats = 64  # d_model / 2 per axis
-model.transformer.encoder.num_layers = 1
-model.transformer.decoder.num_layers = 3
-model.transformer.encoder.d_ffn = 256
-model.transformer.decoder.d_ffn = 256
-# A short schedule on a large synthetic set does not overfit; dropout would only slow learning.
-model.transformer.encoder.dropout = 0.0
-model.transformer.decoder.dropout = 0.0
+# The quickstarts' small model (configs/common/models/cpu_small.py): ResNet-18 from scratch, three
+# levels, d_model 128, 1 + 3 layers, no dropout.
+shrink_for_cpu(model)
 model.num_classes = 5
 model.num_queries = 30  # at most 4 objects per image
 model.with_box_refine = True

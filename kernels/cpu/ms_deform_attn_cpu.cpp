@@ -14,6 +14,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <vector>
+
 #include "ms_deform_attn.h"
 #include "ms_deform_attn_sampling.h"
 
@@ -58,6 +60,7 @@ DF_CPU_CLONES void forward_queries(
     const int64_t* level_start_index,
     const scalar_t* sampling_locations,
     const scalar_t* attention_weights,
+    const uint8_t* level_readable,
     scalar_t* output,
     const Sizes& sizes,
     int64_t begin,
@@ -76,15 +79,21 @@ DF_CPU_CLONES void forward_queries(
       for (int64_t l = 0; l < sizes.num_levels; ++l) {
         const int64_t height = spatial_shapes[2 * l];
         const int64_t width = spatial_shapes[2 * l + 1];
+        const int64_t level_start = level_start_index[l];
+        if (!level_readable[l]) {
+          continue;  // an empty level: its samples read zero
+        }
         for (int64_t p = 0; p < sizes.num_points; ++p) {
           const int64_t sample = l * sizes.num_points + p;
-          if (!bilinear_corners(
-                  locations[2 * sample], locations[2 * sample + 1], height, width, level_start_index[l], corners)) {
+          if (!bilinear_corners(locations[2 * sample], locations[2 * sample + 1], height, width, level_start, corners)) {
             continue;
           }
           // Bilinear and attention weight folded once per sample, not once per channel. Outside
-          // corners read a clamped row with weight 0 (no branch); the cost is that an inf or nan
-          // stored in that row would turn into nan here, where grid_sample would skip it.
+          // corners read a clamped row with weight 0 (no branch: skipping them made the forward
+          // slower in a quick measurement). That row is always another corner of the same sample,
+          // read with a positive weight, so an inf or nan stored there makes grid_sample's result
+          // non-finite too: the branch-free read can turn inf into nan (0 * inf), never a finite
+          // result into nan.
           const scalar_t attention = weights[sample];
           accumulate_sample(
               out, value_head + corners.row[0] * row_stride, value_head + corners.row[1] * row_stride,
@@ -225,6 +234,7 @@ DF_CPU_CLONES void backward_units(
     scalar_t* grad_value,
     scalar_t* grad_sampling_locations,
     scalar_t* grad_attention_weights,
+    const uint8_t* level_readable,
     const Sizes& sizes,
     int64_t levels_per_unit,
     int64_t begin,
@@ -246,12 +256,16 @@ DF_CPU_CLONES void backward_units(
       for (int64_t l = first_level; l < first_level + levels_per_unit; ++l) {
         const int64_t height = spatial_shapes[2 * l];
         const int64_t width = spatial_shapes[2 * l + 1];
+        const int64_t level_start = level_start_index[l];
+        if (!level_readable[l]) {
+          continue;  // an empty level: its samples read zero, all their gradients stay zero
+        }
         const int64_t first_sample = (head_index * sizes.num_levels + l) * sizes.num_points;  // into (N, Lq, M, L, P)
         for (int64_t p = 0; p < sizes.num_points; ++p) {
           const int64_t sample = first_sample + p;
           if (!bilinear_corners(
-                  sampling_locations[2 * sample], sampling_locations[2 * sample + 1], height, width,
-                  level_start_index[l], corners)) {
+                  sampling_locations[2 * sample], sampling_locations[2 * sample + 1], height, width, level_start,
+                  corners)) {
             continue;  // no corner inside: all three gradients stay zero
           }
           backward_sample(
@@ -263,7 +277,17 @@ DF_CPU_CLONES void backward_units(
   }
 }
 
-// float16 and bfloat16 run the float32 kernel on converted copies (float32 accumulation).
+// level_is_readable of every level, computed once per call (not once per query and head).
+std::vector<uint8_t> readable_levels(const int64_t* spatial_shapes, const int64_t* level_start_index, const Sizes& sizes) {
+  std::vector<uint8_t> readable(sizes.num_levels);
+  for (int64_t l = 0; l < sizes.num_levels; ++l) {
+    readable[l] = level_is_readable(spatial_shapes[2 * l], spatial_shapes[2 * l + 1], level_start_index[l], sizes.num_rows);
+  }
+  return readable;
+}
+
+// float16 and bfloat16 run the float32 kernel on converted copies (float32 accumulation); their
+// locations and weights may already be float32 (then .to() returns them as they are).
 bool is_reduced_precision(const at::Tensor& tensor) {
   return tensor.scalar_type() == at::kHalf || tensor.scalar_type() == at::kBFloat16;
 }
@@ -300,12 +324,14 @@ at::Tensor ms_deform_attn_forward_cpu(
     const scalar_t* value_data = value_c.data_ptr<scalar_t>();
     const int64_t* shapes_data = shapes_c.data_ptr<int64_t>();
     const int64_t* starts_data = starts_c.data_ptr<int64_t>();
+    const std::vector<uint8_t> readable = readable_levels(shapes_data, starts_data, sizes);
     const scalar_t* locations_data = locations_c.data_ptr<scalar_t>();
     const scalar_t* weights_data = weights_c.data_ptr<scalar_t>();
     scalar_t* output_data = output.data_ptr<scalar_t>();
     at::parallel_for(0, sizes.batch * sizes.num_queries, grain, [&](int64_t begin, int64_t end) {
       forward_queries<scalar_t>(
-          value_data, shapes_data, starts_data, locations_data, weights_data, output_data, sizes, begin, end);
+          value_data, shapes_data, starts_data, locations_data, weights_data, readable.data(), output_data, sizes,
+          begin, end);
     });
   });
   return output;
@@ -325,8 +351,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     auto grads = ms_deform_attn_backward_cpu(
         value.to(at::kFloat), spatial_shapes, level_start_index, sampling_locations.to(at::kFloat),
         attention_weights.to(at::kFloat), grad_output.to(at::kFloat));
-    const auto dtype = value.scalar_type();
-    return {std::get<0>(grads).to(dtype), std::get<1>(grads).to(dtype), std::get<2>(grads).to(dtype)};
+    // Each gradient in the dtype of its input (a float32 location gets a float32 gradient).
+    return {
+        std::get<0>(grads).to(value.scalar_type()), std::get<1>(grads).to(sampling_locations.scalar_type()),
+        std::get<2>(grads).to(attention_weights.scalar_type())};
   }
   at::Tensor grad_value = at::zeros(value.sizes(), value.options());
   at::Tensor grad_sampling_locations = at::zeros(sampling_locations.sizes(), value.options());
@@ -345,6 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const scalar_t* value_data = value_c.data_ptr<scalar_t>();
     const int64_t* shapes_data = shapes_c.data_ptr<int64_t>();
     const int64_t* starts_data = starts_c.data_ptr<int64_t>();
+    const std::vector<uint8_t> readable = readable_levels(shapes_data, starts_data, sizes);
     const scalar_t* locations_data = locations_c.data_ptr<scalar_t>();
     const scalar_t* weights_data = weights_c.data_ptr<scalar_t>();
     const scalar_t* grad_output_data = grad_output_c.data_ptr<scalar_t>();
@@ -361,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     at::parallel_for(0, num_units, 1, [&](int64_t begin, int64_t end) {
       backward_units<scalar_t>(
           value_data, shapes_data, starts_data, locations_data, weights_data, grad_output_data, grad_value_data,
-          grad_locations_data, grad_weights_data, sizes, levels_per_unit, begin, end);
+          grad_locations_data, grad_weights_data, readable.data(), sizes, levels_per_unit, begin, end);
     });
   });
   return {grad_value, grad_sampling_locations, grad_attention_weights};

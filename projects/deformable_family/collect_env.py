@@ -1,12 +1,14 @@
 """Print what deformable_family runs on: ``python -m deformable_family.collect_env``.
 
 Reports Python, torch (and its CUDA), the GPUs, detectron2 (version, location, and whether its compiled
-ops are present) and which kernels of ``deformable_family._C`` are compiled.
+ops are present), which kernels of ``deformable_family._C`` are compiled, and the git commit of this
+source tree (so that every run's log, and every figure taken from one, names the code it ran).
 """
 import importlib
 import os
 import platform
 import shutil
+import subprocess
 import sys
 from typing import List, Tuple
 
@@ -23,6 +25,26 @@ def _detectron2_rows() -> List[Tuple[str, str]]:
         ("detectron2", f"{detectron2.__version__} @ {os.path.dirname(detectron2.__file__)}"),
         ("detectron2 compiled ops", ops),
     ]
+
+
+def source_commit() -> str:
+    """``git rev-parse HEAD`` of the tree this package was imported from, with "+ local changes"
+    when it differs from that commit; a sentence when it is not a git checkout."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", folder, *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        # A copy installed into a virtualenv inside a clone is not that clone's source.
+        git("ls-files", "--error-unmatch", "__init__.py")
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+    return commit + (" + local changes" if changed else "")
 
 
 def _kernel_rows() -> List[Tuple[str, str]]:
@@ -51,6 +73,7 @@ def collect_env_info() -> str:
         ("Python", sys.version.replace("\n", " ")),
         ("machine", f"{platform.machine()}, {os.cpu_count()} CPUs"),
         ("deformable_family", f"{deformable_family.__version__} @ {os.path.dirname(deformable_family.__file__)}"),
+        ("deformable_family commit", source_commit()),
         ("torch", f"{torch.__version__} @ {os.path.dirname(torch.__file__)}"),
         ("torch built with CUDA", str(torch.version.cuda)),
         ("CUDA available", str(torch.cuda.is_available())),

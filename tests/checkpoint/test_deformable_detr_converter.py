@@ -1,238 +1,221 @@
-"""Converter of the authors' Deformable DETR checkpoints.
+"""Converter of the authors' Deformable DETR checkpoints, tested against their key list.
 
-The official-layout state dicts are synthesised here from the documented key list of the authors'
-code (torchvision ResNet names, their transformer names, their repeated/shared heads), independently
-of this package's modules, with random values so that every tensor can be traced through the conversion.
+``data/deformable_detr_official_keys.json`` is a dump of the names, shapes and shared tensors of
+``model.state_dict()`` of the authors' four R50 models, built from their public code (see its
+"about" field): a fact about their checkpoints, not a reading of their code shared with the
+converter. Each test state dict gives every distinct tensor of theirs its own constant value, so
+every converted tensor can be traced back to the key it came from.
 """
 
+import json
 import os
+import re
 import sys
 
 import pytest
 import torch
-import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data import MetadataCatalog
 
 from deformable_family.checkpoint import (
     check_fits_model,
+    config_name_for,
     convert_official_state_dict,
     detect_variant,
 )
+from deformable_family.checkpoint.deformable_detr import coco_category_rows
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "modeling"))
-from test_deformable_detr import VARIANTS, tiny_model_config  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+CONFIG_DIR = os.path.join(ROOT, "configs", "deformable_detr")
+with open(os.path.join(HERE, "data", "deformable_detr_official_keys.json")) as f:
+    MANIFEST = json.load(f)["variants"]
+VARIANTS = ["single_scale", "multi_scale", "box_refine", "two_stage"]
+# "shared": the repeated heads share storage, as torch.save keeps it in the authors' files;
+# "copied": every key holds its own copy (a checkpoint re-saved through e.g. {k: v.clone()}).
+LAYOUTS = ["shared", "copied"]
+CONFIG_NAMES = {
+    "single_scale": "deformable_detr_r50_single_scale_50ep.py",
+    "multi_scale": "deformable_detr_r50_50ep.py",
+    "box_refine": "deformable_detr_r50_box_refine_50ep.py",
+    "two_stage": "deformable_detr_r50_two_stage_50ep.py",
+}
+_CLASS_HEAD = re.compile(r"(transformer\.decoder\.)?class_embed\.\d+\.(weight|bias)$")
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 import convert_official_deformable_detr as convert_tool  # noqa: E402
 
 
-def official_state_dict(
-    variant: str,
-    depth: int = 18,
-    d_model: int = 64,
-    d_ffn: int = 128,
-    n_heads: int = 4,
-    n_points: int = 2,
-    num_encoder_layers: int = 2,
-    num_decoder_layers: int = 2,
-    num_queries: int = 10,
-    num_classes: int = 91,
-    random: bool = True,
-):
-    """The authors' model layout (models/deformable_detr.py, deformable_transformer.py, backbone.py)."""
-    make = torch.randn if random else torch.zeros
-    two_stage = variant == "two_stage"
-    refine = variant in ("box_refine", "two_stage")
-    num_levels = 1 if variant == "single_scale" else 4
+def source_ids(variant: str):
+    """{authors' key: id of the distinct tensor it holds} (a key sharing another's tensor gets that id)."""
+    ids = {}
+    for index, (name, _, _, alias) in enumerate(MANIFEST[variant]["keys"]):
+        ids[name] = ids[alias] if alias is not None else index
+    return ids
+
+
+def manifest_state_dict(variant: str, layout: str = "shared"):
+    """The authors' checkpoint layout of ``variant``; the tensor with id k holds k * 1000, plus
+    the row index in class heads (so the 91 -> 80 class mapping is visible)."""
     state = {}
-    resnet = getattr(torchvision.models, f"resnet{depth}")(weights=None)
-    for key, value in resnet.state_dict().items():
-        if not key.startswith("fc."):
-            state[f"backbone.0.body.{key}"] = (
-                make(value.shape) if value.is_floating_point() else value
-            )
-    stage_channels = [128, 256, 512] if depth < 50 else [512, 1024, 2048]
-    in_channels = stage_channels[-1:] if num_levels == 1 else stage_channels + [stage_channels[-1]]
-    for level, channels in enumerate(in_channels):
-        kernel = 3 if level == 3 else 1
-        state[f"input_proj.{level}.0.weight"] = make(d_model, channels, kernel, kernel)
-        state[f"input_proj.{level}.0.bias"] = make(d_model)
-        state[f"input_proj.{level}.1.weight"] = make(d_model)
-        state[f"input_proj.{level}.1.bias"] = make(d_model)
-
-    def linear(prefix, fan_in, fan_out):
-        state[f"{prefix}.weight"] = make(fan_out, fan_in)
-        state[f"{prefix}.bias"] = make(fan_out)
-
-    def norm(prefix, dim):
-        state[f"{prefix}.weight"] = make(dim)
-        state[f"{prefix}.bias"] = make(dim)
-
-    def deform_attn(prefix):
-        linear(f"{prefix}.sampling_offsets", d_model, n_heads * num_levels * n_points * 2)
-        linear(f"{prefix}.attention_weights", d_model, n_heads * num_levels * n_points)
-        linear(f"{prefix}.value_proj", d_model, d_model)
-        linear(f"{prefix}.output_proj", d_model, d_model)
-
-    state["transformer.level_embed"] = make(num_levels, d_model)
-    for i in range(num_encoder_layers):
-        prefix = f"transformer.encoder.layers.{i}"
-        deform_attn(f"{prefix}.self_attn")
-        norm(f"{prefix}.norm1", d_model)
-        linear(f"{prefix}.linear1", d_model, d_ffn)
-        linear(f"{prefix}.linear2", d_ffn, d_model)
-        norm(f"{prefix}.norm2", d_model)
-    for i in range(num_decoder_layers):
-        prefix = f"transformer.decoder.layers.{i}"
-        deform_attn(f"{prefix}.cross_attn")
-        norm(f"{prefix}.norm1", d_model)
-        state[f"{prefix}.self_attn.in_proj_weight"] = make(3 * d_model, d_model)
-        state[f"{prefix}.self_attn.in_proj_bias"] = make(3 * d_model)
-        linear(f"{prefix}.self_attn.out_proj", d_model, d_model)
-        norm(f"{prefix}.norm2", d_model)
-        linear(f"{prefix}.linear1", d_model, d_ffn)
-        linear(f"{prefix}.linear2", d_ffn, d_model)
-        norm(f"{prefix}.norm3", d_model)
-    if two_stage:
-        linear("transformer.enc_output", d_model, d_model)
-        norm("transformer.enc_output_norm", d_model)
-        linear("transformer.pos_trans", 2 * d_model, 2 * d_model)
-        norm("transformer.pos_trans_norm", 2 * d_model)
-    else:
-        linear("transformer.reference_points", d_model, 2)
-        state["query_embed.weight"] = make(num_queries, 2 * d_model)
-
-    num_predictions = num_decoder_layers + 1 if two_stage else num_decoder_layers
-    for i in range(num_predictions):
-        if refine or i == 0:
-            linear(f"class_embed.{i}", d_model, num_classes)
-            linear(f"bbox_embed.{i}.layers.0", d_model, d_model)
-            linear(f"bbox_embed.{i}.layers.1", d_model, d_model)
-            linear(f"bbox_embed.{i}.layers.2", d_model, 4)
-        else:
-            # nn.ModuleList([head] * n): every entry is the same module, the same tensors.
-            for key in [k for k in state if k.startswith(("class_embed.0.", "bbox_embed.0."))]:
-                head, _, rest = key.split(".", 2)
-                state[f"{head}.{i}.{rest}"] = state[key]
-    # Their decoder holds the same head modules again under a second name.
-    duplicated = (["bbox_embed"] if refine else []) + (["class_embed"] if two_stage else [])
-    for key in list(state):
-        if key.split(".")[0] in duplicated:
-            state[f"transformer.decoder.{key}"] = state[key]
+    for index, (name, shape, dtype, alias) in enumerate(MANIFEST[variant]["keys"]):
+        if alias is not None:
+            state[name] = state[alias] if layout == "shared" else state[alias].clone()
+            continue
+        value = torch.full(shape, index * 1000.0, dtype=getattr(torch, dtype))
+        if _CLASS_HEAD.match(name):
+            value += torch.arange(shape[0], dtype=value.dtype).view(-1, *[1] * (len(shape) - 1))
+        state[name] = value
     return {"model": state, "epoch": 49}
 
 
+def build_on_meta(variant: str, num_classes: int = 80, proposal_num_classes=None):
+    cfg = LazyConfig.load(os.path.join(CONFIG_DIR, CONFIG_NAMES[variant]))
+    overrides = [f"model.num_classes={num_classes}"]
+    if proposal_num_classes is not None:
+        overrides.append(f"model.proposal_num_classes={proposal_num_classes}")
+    cfg = LazyConfig.apply_overrides(cfg, overrides)
+    with torch.device("meta"):
+        return instantiate(cfg.model)
+
+
+def _id_of(value: torch.Tensor) -> int:
+    """The id of a converted non-class tensor (all its elements hold id * 1000)."""
+    first = float(value.flatten()[0])
+    assert torch.all(value == first), "a converted tensor mixes values of several source tensors"
+    assert first % 1000 == 0
+    return int(first // 1000)
+
+
+def test_manifest_counts_equal_the_configs_with_91_classes():
+    """The dump is of the models the configs reproduce: the same number of parameters."""
+    for variant in VARIANTS:
+        model = build_on_meta(variant, num_classes=91)
+        assert sum(p.numel() for p in model.parameters()) == MANIFEST[variant]["num_parameters"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_detects_variant(variant):
-    detected = detect_variant(official_state_dict(variant))
+def test_detects_variant(variant, layout):
+    detected = detect_variant(manifest_state_dict(variant, layout))
     assert detected.name == variant
-    assert (detected.depth, detected.num_encoder_layers, detected.num_decoder_layers) == (18, 2, 2)
+    assert (detected.depth, detected.num_encoder_layers, detected.num_decoder_layers) == (50, 6, 6)
+    assert detected.num_levels == (1 if variant == "single_scale" else 4)
     assert detected.num_classes == 91
+    assert config_name_for(detected) == CONFIG_NAMES[variant]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_converted_loads_strictly_and_keeps_every_tensor(variant):
-    official = official_state_dict(variant)["model"]
-    model = instantiate(tiny_model_config(variant))
+def test_converted_fits_the_config_and_keeps_every_tensor_once(variant, layout):
+    official = manifest_state_dict(variant, layout)["model"]
+    ids = source_ids(variant)
     converted = convert_official_state_dict(official)
+    model = build_on_meta(variant)
     check_fits_model(converted, model)
-    model.load_state_dict(converted, strict=True)
+    model.load_state_dict(converted, strict=True, assign=True)  # torch's own key and shape check
 
-    rows = {
-        contiguous: dataset
-        for dataset, contiguous in MetadataCatalog.get(
-            "coco_2017_train"
-        ).thing_dataset_id_to_contiguous_id.items()
-    }
-    num_layers = model.transformer.decoder.num_layers
-    for i in range(num_layers if model.with_box_refine else 1):
-        for name in ("weight", "bias"):
-            ours = model.state_dict()[f"class_embed.{i}.{name}"]
-            theirs = official[f"class_embed.{i}.{name}"]
-            for contiguous in (0, 11, 79):
-                torch.testing.assert_close(ours[contiguous], theirs[rows[contiguous]])
+    # Class heads: row c of ours is row coco_category_rows()[c] of theirs (91 COCO ids -> 80).
+    rows = torch.tensor(coco_category_rows(), dtype=torch.float32)
+    num_layers = 6
+    refine = variant in ("box_refine", "two_stage")
+    for i in range(num_layers if refine else 1):
+        for kind in ("weight", "bias"):
+            ours = converted[f"class_embed.{i}.{kind}"]
+            expected = ids[f"class_embed.{i}.{kind}"] * 1000.0 + rows
+            torch.testing.assert_close(
+                ours, expected.view(-1, *[1] * (ours.dim() - 1)).expand_as(ours)
+            )
     if variant == "two_stage":
-        torch.testing.assert_close(
-            model.proposal_class_embed.weight[0], official[f"class_embed.{num_layers}.weight"][0]
-        )
-        torch.testing.assert_close(
-            model.proposal_bbox_embed.layers[2].bias,
-            official[f"bbox_embed.{num_layers}.layers.2.bias"],
+        # The proposal head is their last class head, its rows kept in order (only row 0 is used).
+        proposal = converted["proposal_class_embed.weight"]
+        assert proposal.shape == (80, 256)
+        expected = ids[f"class_embed.{num_layers}.weight"] * 1000.0 + torch.arange(80.0)
+        torch.testing.assert_close(proposal, expected[:, None].expand_as(proposal))
+
+    # Every other converted tensor is one of theirs, unchanged, and none is used twice.
+    used = {}
+    for key, value in converted.items():
+        if key.startswith(("class_embed.", "proposal_class_embed.")):
+            continue
+        source = _id_of(value)
+        assert source not in used, f"{key} and {used[source]} hold the same tensor of theirs"
+        used[source] = key
+    non_class_sources = {ids[name] for name in ids if not _CLASS_HEAD.match(name)}
+    missing = sorted(name for name in ids if ids[name] in non_class_sources - set(used))
+    assert not missing, f"their tensors dropped by the conversion: {missing[:5]}"
+
+    # Renames whose meaning differs between the layouts (their decoder applies norm2 after the
+    # self-attention, norm1 after the cross-attention, norm3 after the FFN; torchvision's layer2
+    # is detectron2's res3).
+    for ours, theirs in {
+        "transformer.decoder.layers.1.self_attn_norm.weight": "transformer.decoder.layers.1.norm2.weight",
+        "transformer.decoder.layers.0.cross_attn_norm.bias": "transformer.decoder.layers.0.norm1.bias",
+        "transformer.decoder.layers.5.ffn_norm.weight": "transformer.decoder.layers.5.norm3.weight",
+        "transformer.encoder.layers.2.norm2.bias": "transformer.encoder.layers.2.norm2.bias",
+        "backbone.body.res3.0.shortcut.norm.running_var": "backbone.0.body.layer2.0.downsample.1.running_var",
+        "backbone.body.res5.2.conv3.weight": "backbone.0.body.layer4.2.conv3.weight",
+        "backbone.body.stem.conv1.norm.running_mean": "backbone.0.body.bn1.running_mean",
+        "backbone.input_proj.0.1.weight": "input_proj.0.1.weight",
+    }.items():
+        assert _id_of(converted[ours]) == ids[theirs], ours
+    last_box = f"bbox_embed.{num_layers - 1 if refine else 0}.layers.2.bias"
+    assert _id_of(converted[last_box]) == ids[last_box]
+    if variant == "two_stage":
+        assert (
+            _id_of(converted["proposal_bbox_embed.layers.2.bias"])
+            == ids["bbox_embed.6.layers.2.bias"]
         )
 
-    # Every other tensor of theirs appears, unchanged, exactly once among ours (the random values
-    # identify it): nothing is dropped, swapped or duplicated.
-    ours_by_value = {}
-    for key, value in model.state_dict().items():
-        if not key.startswith(("class_embed.", "proposal_class_embed.")):
-            ours_by_value.setdefault(
-                value.flatten()[:4].tolist().__repr__() + str(tuple(value.shape)), []
-            ).append(key)
-    seen = set()
-    for key, value in official.items():
-        if key.startswith(("class_embed.", "transformer.decoder.class_embed.")) or key.endswith(
-            "num_batches_tracked"
-        ):
-            continue
-        if value.data_ptr() in seen:
-            continue
-        seen.add(value.data_ptr())
-        matches = ours_by_value.get(
-            value.flatten()[:4].tolist().__repr__() + str(tuple(value.shape)), []
-        )
-        assert len(matches) == 1, key
-    # Spot-check renames that differ in meaning between the two layouts.
-    torch.testing.assert_close(
-        model.transformer.decoder.layers[1].self_attn_norm.weight,
-        official["transformer.decoder.layers.1.norm2.weight"],
-    )
-    torch.testing.assert_close(
-        model.transformer.decoder.layers[0].cross_attn_norm.bias,
-        official["transformer.decoder.layers.0.norm1.bias"],
-    )
-    torch.testing.assert_close(
-        model.backbone.body.res3[0].shortcut.norm.running_var,
-        official["backbone.0.body.layer2.0.downsample.1.running_var"],
-    )
+
+def test_full_width_class_heads_keep_their_rows():
+    official = manifest_state_dict("box_refine")["model"]
+    converted = convert_official_state_dict(official, num_classes=91)
+    check_fits_model(converted, build_on_meta("box_refine", num_classes=91))
+    torch.testing.assert_close(converted["class_embed.3.bias"], official["class_embed.3.bias"])
+
+
+def test_repeated_heads_that_differ_are_refused():
+    """Without the decoder's head keys the file is not a refinement model, so its repeated heads
+    must be equal: a mismatch is reported, not loaded into the wrong decoder."""
+    official = manifest_state_dict("multi_scale", "copied")["model"]
+    official["class_embed.3.weight"] = official["class_embed.3.weight"] + 1
+    with pytest.raises(ValueError, match=r"class_embed\.3\.weight differs"):
+        detect_variant(official)
+
+
+def test_two_stage_without_refinement_is_refused():
+    official = manifest_state_dict("two_stage")["model"]
+    for key in [k for k in official if k.startswith("transformer.decoder.bbox_embed.")]:
+        del official[key]
+    with pytest.raises(ValueError, match="two-stage .* without box refinement"):
+        detect_variant(official)
 
 
 def test_truncated_checkpoint_is_reported():
-    official = official_state_dict("box_refine")["model"]
+    official = manifest_state_dict("box_refine")["model"]
     del official["transformer.encoder.layers.1.linear1.weight"]
-    model = instantiate(tiny_model_config("box_refine"))
     with pytest.raises(ValueError, match="missing 1 .*encoder.layers.1.linear1.weight"):
-        check_fits_model(convert_official_state_dict(official), model)
+        check_fits_model(convert_official_state_dict(official), build_on_meta("box_refine"))
 
 
 def test_foreign_checkpoint_is_rejected():
     with pytest.raises(ValueError, match="input_proj"):
         detect_variant({"model": {"backbone.0.body.conv1.weight": torch.zeros(1)}})
-    official = official_state_dict("multi_scale")["model"]
-    official["transformer.decoder.layers.0.norm9.weight"] = torch.zeros(64)
+    official = manifest_state_dict("multi_scale")["model"]
+    official["transformer.decoder.layers.0.norm9.weight"] = torch.zeros(256)
     with pytest.raises(ValueError, match="norm9"):
         convert_official_state_dict(official)
 
 
 def test_command_line_converts_r50_for_detectron2_checkpointer(tmp_path, capsys):
-    official = official_state_dict(
-        "multi_scale",
-        depth=50,
-        d_model=256,
-        d_ffn=1024,
-        n_heads=8,
-        n_points=4,
-        num_encoder_layers=6,
-        num_decoder_layers=6,
-        num_queries=300,
-    )
+    official = manifest_state_dict("multi_scale")
     source, target = tmp_path / "official.pth", tmp_path / "converted.pth"
     torch.save(official, source)
     assert convert_tool.main([str(source), str(target)]) == 0
     assert "deformable_detr_r50_50ep.py" in capsys.readouterr().out
 
-    cfg = LazyConfig.load("configs/deformable_detr/deformable_detr_r50_50ep.py")
+    cfg = LazyConfig.load(os.path.join(CONFIG_DIR, "deformable_detr_r50_50ep.py"))
     model = instantiate(cfg.model)
     checkpointer = DetectionCheckpointer(model)
     # load() logs incompatible keys without returning them: record what its _load_model step found

@@ -8,7 +8,8 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 
-CONFIG_DIR = "configs/deformable_detr"
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+CONFIG_DIR = os.path.join(ROOT, "configs", "deformable_detr")
 CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
 
 # The authors' counts (p.numel() over all parameters of their models with 91-way class heads; frozen
@@ -89,3 +90,13 @@ def test_binary_proposal_head_differs_only_by_unused_rows():
     assert binary.proposal_class_embed.out_features == 1
     # 90 dropped rows of (weight d_model + bias 1).
     assert count(binary) == AUTHORS_PARAMETERS[name] - 90 * (d_model + 1)
+
+
+def test_one_d_model_override_changes_every_size():
+    """The common model config interpolates every width from model.transformer.d_model."""
+    _, model = build_on_meta("deformable_detr_r50_two_stage_50ep.py", **{"model.transformer.d_model": 128})
+    assert model.position_embedding.num_pos_feats == 64
+    assert all(shape.channels == 128 for shape in model.backbone.output_shape().values())
+    assert model.transformer.encoder.layers[0].self_attn.d_model == 128
+    assert model.transformer.decoder.layers[0].cross_attn.d_model == 128
+    assert model.class_embed[0].in_features == model.proposal_class_embed.in_features == 128

@@ -1,4 +1,5 @@
 """DetrDatasetMapper and RandomSelect: sizes, the crop branch's frequency, box consistency."""
+import logging
 import os
 
 import cv2
@@ -6,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
-from deformable_family.data import DetrDatasetMapper, RandomSelect
+from deformable_family.data import DetrDatasetMapper, RandomSelect, read_image_or_fail
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 COCO_DATA_CONFIG = os.path.join(ROOT, "configs", "common", "data", "coco_detr.py")
@@ -51,6 +54,26 @@ def test_train_sizes_follow_the_recipe(white_box_image):
         height, width = out["image"].shape[1:]
         assert min(height, width) in MULTI_SCALE
         assert max(height, width) <= 1333
+
+
+def test_train_sizes_are_capped_at_max_size(tmp_path):
+    """A 1:4 image resized to a short side of 480-800 would be 1920-3200 long: the long side is
+    capped at 1333 (the short side then follows the aspect ratio), in both branches of the recipe."""
+    path = str(tmp_path / "wide.png")
+    cv2.imwrite(path, np.zeros((50, 200, 3), np.uint8))
+    record = {"file_name": path, "height": 50, "width": 200, "image_id": 1, "annotations": []}
+    np.random.seed(0)
+    mapper = DetrDatasetMapper(is_train=True, augmentations=_coco_augmentations())
+    capped = 0
+    for _ in range(20):
+        height, width = mapper(record)["image"].shape[1:]
+        assert max(height, width) <= 1333
+        if max(height, width) == 1333:
+            capped += 1
+            assert min(height, width) < 480  # the cap, not the short-side choice, set the size
+        else:
+            assert min(height, width) in MULTI_SCALE
+    assert capped > 0
 
 
 def test_test_size_is_800(white_box_image):
@@ -123,11 +146,32 @@ def test_horizontal_flip_mirrors_the_box(white_box_image):
     assert out["instances"].gt_boxes.tensor.tolist() == [[200 - 100, 30, 200 - 40, 90]]
 
 
-def test_cropped_out_objects_are_removed_and_the_image_kept(white_box_image):
+def test_cropped_out_objects_are_removed_counted_and_the_image_kept(white_box_image):
     mapper = DetrDatasetMapper(is_train=True, augmentations=[T.CropTransform(120, 100, 50, 40)])
-    out = mapper(white_box_image)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    mapper_logger = logging.getLogger("deformable_family.data.mapper")
+    mapper_logger.addHandler(handler)
+    level = mapper_logger.level
+    mapper_logger.setLevel(logging.INFO)
+    try:
+        out = mapper(white_box_image)
+    finally:
+        mapper_logger.removeHandler(handler)
+        mapper_logger.setLevel(level)
     assert tuple(out["image"].shape) == (3, 40, 50)
     assert len(out["instances"]) == 0
+    assert (mapper.num_boxes_emptied, mapper.num_boxes_seen) == (1, 1)
+    assert any("dropped 1 of 1 boxes" in record.getMessage() for record in records)
+    # A box the augmentation keeps is counted as seen, not as emptied.
+    mapper.augmentations = T.AugmentationList([T.NoOpTransform()])
+    assert len(mapper(white_box_image)["instances"]) == 1
+    assert (mapper.num_boxes_emptied, mapper.num_boxes_seen) == (1, 2)
+
+
+def test_is_detectron2_dataset_mapper():
+    assert issubclass(DetrDatasetMapper, DatasetMapper)
 
 
 def test_partly_cropped_box_is_clipped(white_box_image):
@@ -158,6 +202,20 @@ def test_unreadable_image_names_the_file(tmp_path):
     mapper = DetrDatasetMapper(is_train=True, augmentations=[])
     with pytest.raises(ValueError, match="broken.png"):
         mapper({"file_name": str(path), "annotations": []})
+
+
+def test_memory_error_is_not_reported_as_an_unreadable_image(tmp_path, monkeypatch):
+    path = str(tmp_path / "image.png")
+    cv2.imwrite(path, np.zeros((8, 8, 3), np.uint8))
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(detection_utils, "read_image", out_of_memory)
+    with pytest.raises(MemoryError, match="simulated"):
+        DetrDatasetMapper(is_train=True, augmentations=[])({"file_name": path, "annotations": []})
+    with pytest.raises(MemoryError, match="simulated"):
+        read_image_or_fail(path, "RGB")
 
 
 def test_augmentations_must_be_a_list():

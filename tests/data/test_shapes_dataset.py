@@ -60,7 +60,26 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # no temporary folder left behind
     monkeypatch.undo()
     generate_shapes(str(root), SMALL)
-    assert sorted(os.listdir(root)) == ["train", "train.json", "val", "val.json"]
+    assert sorted(os.listdir(root)) == ["params.json", "train", "train.json", "val", "val.json"]
+
+
+def test_existing_folder_is_reused_only_with_the_same_parameters(tmp_path):
+    root = str(tmp_path / "shapes_v1")
+    generate_shapes(root, SMALL, seed=3)
+    with open(os.path.join(root, "params.json")) as f:
+        assert json.load(f) == {"version": "shapes_v1", "num_images": SMALL, "seed": 3}
+    marker = os.path.join(root, "val", "marker")
+    open(marker, "w").close()
+    assert generate_shapes(root, SMALL, seed=3) == root
+    assert os.path.exists(marker)  # reused as it is, not regenerated
+    with pytest.raises(ValueError, match=r"generated with .*'seed': 3.*not the requested .*'seed': 4"):
+        generate_shapes(root, SMALL, seed=4)
+    with pytest.raises(ValueError, match=r"'val': 3.*not the requested .*'val': 5"):
+        generate_shapes(root, {"train": 6, "val": 5}, seed=3)
+    os.remove(os.path.join(root, "params.json"))  # a copy from an earlier version
+    with pytest.raises(ValueError, match="has no params.json"):
+        generate_shapes(root, SMALL, seed=3)
+    assert os.path.exists(marker)  # refused, never deleted
 
 
 def test_registration_generates_on_first_use(tmp_path):

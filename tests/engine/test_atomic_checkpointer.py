@@ -1,6 +1,9 @@
 """An interrupted checkpoint save never replaces the last good checkpoint."""
+import logging
 import os
+import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -65,3 +68,32 @@ def test_crash_before_the_tag_keeps_the_tag(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def _load_and_capture_warnings(path):
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    module_logger = logging.getLogger(checkpointer_module.__name__)
+    module_logger.addHandler(handler)
+    try:
+        AtomicDetectionCheckpointer(_model(0.0)).load(str(path))
+    finally:
+        module_logger.removeHandler(handler)
+    return [record.getMessage() for record in records]
+
+
+def test_caffe2_weights_are_named_on_load(tmp_path):
+    """detectron2's ImageNet R-50.pkl is Caffe2's (BGR, std 1, stride in the 1x1 conv): it loads
+    into the torchvision-layout backbone without error, so the checkpointer says what it is."""
+    caffe2 = tmp_path / "R-50.pkl"
+    with open(caffe2, "wb") as f:
+        pickle.dump({"conv1_w": np.zeros((64, 3, 7, 7), np.float32)}, f)
+    messages = _load_and_capture_warnings(caffe2)
+    assert any("Caffe2" in m and "convert-torchvision-to-d2.py" in m for m in messages), messages
+
+    torchvision_converted = tmp_path / "R-50-torchvision.pkl"
+    with open(torchvision_converted, "wb") as f:
+        pickle.dump({"model": {"weight": np.zeros((2, 3), np.float32)}, "__author__": "torchvision",
+                     "matching_heuristics": True}, f)
+    assert not any("Caffe2" in m for m in _load_and_capture_warnings(torchvision_converted))

@@ -1,4 +1,5 @@
 """Learning-rate groups by parameter name, and the 80% step schedule of configs/common."""
+import logging
 import os
 
 import pytest
@@ -7,6 +8,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.solver import LRMultiplier
 from torch import nn
 
+from deformable_family.engine import param_groups as param_groups_module
 from deformable_family.engine import param_groups_by_name
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "common")
@@ -86,3 +88,53 @@ def test_schedule_drops_at_80_percent_of_any_max_iter(max_iter):
     drop = int(0.8 * max_iter)
     assert lrs[:drop] == pytest.approx([1.0] * drop)
     assert lrs[drop:] == pytest.approx([0.1] * (max_iter - drop))
+
+
+
+class _Warnings(logging.Handler):
+    """The WARNING records of param_groups_by_name's logger (attached to it directly: detectron2's
+    setup_logger stops the "deformable_family" logger's propagation once a run was set up)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger(param_groups_module.__name__).addHandler(self)
+        return self.messages
+
+    def __exit__(self, *exc):
+        logging.getLogger(param_groups_module.__name__).removeHandler(self)
+
+
+def test_two_stage_quickstart_optimizer_warns_about_nothing():
+    # The two-stage model has no reference-point projection: the recipe's key for it is optional.
+    cfg = LazyConfig.load(os.path.join(CONFIGS, "..", "quickstart", "deformable_detr_shapes.py"))
+    model = instantiate(cfg.model)
+    names = [name for name, _ in model.named_parameters()]
+    assert model.two_stage and not any("reference_points" in name for name in names)
+    cfg.optimizer.params.model = model
+    with _Warnings() as warnings:
+        instantiate(cfg.optimizer)
+    assert warnings == []
+
+
+def test_key_matching_nothing_is_warned_unless_optional():
+    model = _Toy()
+    del model.reference_points
+    multipliers = {"sampling_offsets": 0.1, "reference_points": 0.1, "sampling_ofsets": 0.1}
+    with _Warnings() as warnings:
+        param_groups_by_name(
+            model, 1.0, multipliers, optional_lr_multiplier_keys=["reference_points"]
+        )
+    assert len(warnings) == 1 and "'sampling_ofsets'" in warnings[0] and "spelling" in warnings[0]
+    with _Warnings() as warnings:
+        param_groups_by_name(model, 1.0, multipliers)
+    assert len(warnings) == 2
+    with pytest.raises(TypeError, match="optional_lr_multiplier_keys"):
+        param_groups_by_name(
+            model, 1.0, multipliers, optional_lr_multiplier_keys="reference_points"
+        )

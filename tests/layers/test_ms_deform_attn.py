@@ -1,5 +1,6 @@
 """Tests of the deformable-sampling op on CPU: kernel against the reference, gradients,
-out-of-map and non-finite locations, validation, determinism, empty inputs, the fallback.
+out-of-map and non-finite locations, empty levels and reads confined to value, mixed dtypes,
+validation (also from host ints), determinism, empty inputs, the fallback.
 
 The CPU kernel tests need the compiled extension; they skip with the reason when it is missing.
 The helpers at the top are imported by test_ms_deform_attn_compile.py and test_ms_deform_attn_cuda.py.
@@ -87,7 +88,9 @@ def forward_and_grads(op, inputs, grad_output_seed: int = 1, grad_output_dtype=N
     """Runs op on fresh leaf copies of inputs; returns (output, grad_value, grad_locations, grad_weights).
     grad_output is random (seeded), drawn in float64 and rounded to grad_output_dtype if given."""
     value, spatial_shapes, level_start_index, locations, weights = inputs
-    leaves = [t.detach().clone().requires_grad_() for t in (value, locations, weights)]
+    # detach(), not clone(): the leaves keep the inputs' memory (a non-contiguous layout, a value
+    # inside a nan-guarded buffer), which is what the kernel must then read.
+    leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
     output = op(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2])
     generator = torch.Generator().manual_seed(grad_output_seed)
     grad_output = torch.randn(output.shape, generator=generator, dtype=torch.float64)
@@ -224,15 +227,20 @@ def test_non_contiguous_inputs():
 @requires_cpu_kernel
 @pytest.mark.parametrize("batch,num_heads", [(2, 4), (1, 2)])
 def test_backward_is_deterministic_across_runs_and_thread_counts(batch, num_heads):
-    """Bit-identical results for any thread count. With batch 1 x 2 heads, one thread works per
-    (batch, head) and two threads per (batch, head, level): both orders must give the same bits."""
+    """Bit-identical results for any thread count. The backward splits its work per (batch, head)
+    when there are at least two such units per thread and per (batch, head, level) otherwise: with
+    1, 2, 3 and 8 threads both splits run for both cases (batch 2 x 4 heads switches above 4
+    threads, batch 1 x 2 heads above 1), and 3 threads divide the work unevenly."""
+    # Thread counts only change the work split when the kernel's at::parallel_for runs on OpenMP.
+    assert "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
     inputs = make_inputs(batch, [(9, 11), (5, 6), (3, 3)], num_heads, 16, 64, 4, dtype=torch.float32, seed=9)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         first = forward_and_grads(ms_deform_attn, inputs)
-        for num_threads in (1, max(2, threads), 2):
+        for num_threads in (1, 2, 3, 8, max(2, threads)):
             torch.set_num_threads(num_threads)
+            assert torch.get_num_threads() == num_threads
             again = forward_and_grads(ms_deform_attn, inputs)
             for a, b in zip(again, first):
                 assert torch.equal(a, b), f"not bit-identical with {num_threads} threads"
@@ -287,18 +295,25 @@ def test_empty_inputs_give_empty_outputs(batch, num_queries):
 
 
 @requires_cpu_kernel
-def test_autocast_runs_in_float32_like_grid_sample():
+def test_autocast_keeps_value_dtype_and_reads_locations_in_float32():
     inputs = make_inputs(1, [(4, 5), (2, 3)], 2, 8, 4, 2, dtype=torch.float32, seed=14)
     value, spatial_shapes, level_start_index, locations, weights = inputs
-    with pytest.raises(TypeError, match="value has dtype"):
-        ms_deform_attn(value.bfloat16(), spatial_shapes, level_start_index, locations, weights)
+    low_value = value.bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        output = ms_deform_attn(value.bfloat16(), spatial_shapes, level_start_index, locations, weights)
-        expected = ms_deform_attn_reference(value.bfloat16(), spatial_shapes, level_start_index, locations, weights)
-    assert output.dtype == torch.float32 == expected.dtype
-    torch.testing.assert_close(
-        output, ms_deform_attn(value.bfloat16().float(), spatial_shapes, level_start_index, locations, weights)
+        output = ms_deform_attn(low_value, spatial_shapes, level_start_index, locations, weights)
+        # 16-bit locations and weights are read in float32 (an exact conversion).
+        from_16_bit = ms_deform_attn(
+            low_value, spatial_shapes, level_start_index, locations.bfloat16(), weights.bfloat16()
+        )
+        expected = ms_deform_attn_reference(low_value, spatial_shapes, level_start_index, locations, weights)
+    assert output.dtype == torch.bfloat16 == expected.dtype == from_16_bit.dtype
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
+    exact = ms_deform_attn(low_value.float(), spatial_shapes, level_start_index, locations, weights)
+    torch.testing.assert_close(output, exact.bfloat16(), rtol=0, atol=0)
+    rounded = ms_deform_attn(
+        low_value, spatial_shapes, level_start_index, locations.bfloat16().float(), weights.bfloat16().float()
     )
+    torch.testing.assert_close(from_16_bit, rounded, rtol=0, atol=0)
 
 
 def _valid_inputs():
@@ -312,13 +327,16 @@ def _replace(index, tensor):
 
 
 INVALID_INPUTS = {
-    "value rank": (lambda: _replace(0, torch.zeros(2, 16, 8, dtype=torch.float64)), ValueError, "value"),
+    "value rank": (
+        lambda: _replace(0, torch.zeros(2, 16, 8, dtype=torch.float64)), ValueError, r"value must be \(N, S, M, D\)"),
     "value rows": (lambda: _replace(0, torch.zeros(2, 15, 2, 4, dtype=torch.float64)), ValueError, "S = 15"),
     "value list": (lambda: _replace(0, [[0.0]]), TypeError, "value must be a torch.Tensor"),
-    "value int": (lambda: _replace(0, torch.zeros(2, 16, 2, 4, dtype=torch.int64)), TypeError, "value"),
+    "value int": (
+        lambda: _replace(0, torch.zeros(2, 16, 2, 4, dtype=torch.int64)), TypeError, "value must be float32"),
     "shapes rank": (lambda: _replace(1, torch.tensor([3, 4, 2, 2])), ValueError, "spatial_shapes"),
     "shapes float": (lambda: _replace(1, torch.tensor([[3.0, 4.0], [2.0, 2.0]])), TypeError, "spatial_shapes"),
-    "shapes sum": (lambda: _replace(1, torch.tensor([[3, 4], [2, 3]])), ValueError, "spatial_shapes"),
+    "shapes sum": (lambda: _replace(1, torch.tensor([[3, 4], [2, 3]])), ValueError, "spatial_shapes describe"),
+    "shapes negative": (lambda: _replace(1, torch.tensor([[3, 4], [-2, -2]])), ValueError, "must not be negative"),
     "start value": (lambda: _replace(2, torch.tensor([0, 11])), ValueError, "level_start_index"),
     "start shape": (lambda: _replace(2, torch.tensor([0, 12, 16])), ValueError, "level_start_index"),
     "start int32": (lambda: _replace(2, torch.tensor([0, 12], dtype=torch.int32)), TypeError, "level_start_index"),
@@ -328,6 +346,9 @@ INVALID_INPUTS = {
         lambda: _replace(3, torch.zeros(2, 3, 2, 3, 2, 2, dtype=torch.float64)), ValueError, "sampling_locations"),
     "locations dtype": (
         lambda: _replace(3, torch.zeros(2, 3, 2, 2, 2, 2, dtype=torch.float32)), TypeError, "sampling_locations"),
+    "locations float64 with a 16-bit value": (
+        lambda: [t.bfloat16() if i == 0 else t.double() if i == 3 else t for i, t in enumerate(_valid_inputs())],
+        TypeError, "sampling_locations has dtype (torch.float64|Double)"),
     "weights points": (
         lambda: _replace(4, torch.zeros(2, 3, 2, 2, 3, dtype=torch.float64)), ValueError, "attention_weights"),
     "weights dtype": (
@@ -347,11 +368,15 @@ def test_invalid_inputs_raise_naming_the_argument(case):
 
 @requires_cpu_kernel
 @pytest.mark.parametrize("case", [case for case in INVALID_INPUTS if case != "value list"])
-def test_operator_validates_in_cpp(case):
-    """The op called directly (no Python checks) raises the same kinds of errors before any kernel."""
+def test_operator_validates_in_cpp(case, monkeypatch):
+    """The C++ CPU kernel itself raises the same kinds of errors before computing: the Python checks
+    are switched off, and the call goes to the CPU kernel directly (a plain call with a meta tensor
+    would be answered by the Python fake kernel)."""
+    monkeypatch.setattr(ms_deform_attn_op, "check_ms_deform_attn_inputs", lambda *args, **kwargs: None)
     make, error, fragment = INVALID_INPUTS[case]
+    cpu_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     with pytest.raises(error, match=fragment):
-        torch.ops.deformable_family.ms_deform_attn(*make())
+        torch.ops.deformable_family.ms_deform_attn.default.redispatch(cpu_kernel, *make())
 
 
 def test_compiled_kernels_reports_the_build():
@@ -373,6 +398,235 @@ def test_fallback_warns_once_and_uses_the_reference(monkeypatch):
         ms_deform_attn(*inputs)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "ms_deform_attn_reference" in messages[0]
+    assert "bash tools/setup_env.sh" in messages[0]  # the documented set-up, not a bare build_ext
     torch.testing.assert_close(output, ms_deform_attn_reference(*inputs), rtol=0, atol=0)
     with pytest.raises(ValueError, match="level_start_index"):
         ms_deform_attn(*_replace(2, torch.tensor([0, 11])))
+
+
+def _empty_level_case(empty_position: int, empty_shape: Tuple[int, int], dtype=torch.float64, seed: int = 30):
+    """Three levels, one of them empty (at empty_position), 1x1 among the others."""
+    level_shapes = [(3, 4), (1, 1), (2, 5)]
+    level_shapes[empty_position] = empty_shape
+    return make_inputs(2, level_shapes, 2, 3, 5, 3, dtype=dtype, seed=seed)
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("empty_shape", [(2, 0), (0, 3), (0, 0)], ids=str)
+@pytest.mark.parametrize("empty_position", [0, 1, 2])
+def test_empty_levels_read_zero(empty_position, empty_shape):
+    """A level with H or W = 0 is a defined input: its samples read zero (as outside the map), their
+    gradients are zero, and the other levels are unaffected; kernel and reference agree."""
+    inputs = _empty_level_case(empty_position, empty_shape)
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    assert_matches_reference(inputs, 1e-10)
+    output, grad_value, grad_locations, grad_weights = forward_and_grads(ms_deform_attn, inputs)
+    assert torch.all(grad_locations[:, :, :, empty_position] == 0)
+    assert torch.all(grad_weights[:, :, :, empty_position] == 0)
+    # The same call with that level's weights at zero gives the same result: the level reads zero.
+    zeroed = weights.clone()
+    zeroed[:, :, :, empty_position] = 0
+    expected = ms_deform_attn(value, spatial_shapes, level_start_index, locations, zeroed)
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
+
+
+def _nan_guarded(tensor: torch.Tensor, guard_rows: int = 3) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A contiguous copy of tensor (N, S, M, D) living inside a larger nan-filled buffer, with nan
+    just before and just after it: any read outside the copy turns into nan. Returns (copy, buffer)."""
+    row = tensor[0, 0].numel() if tensor.shape[0] * tensor.shape[1] else 1
+    guard = guard_rows * row
+    buffer = torch.full((guard + tensor.numel() + guard,), float("nan"), dtype=tensor.dtype)
+    inside = buffer[guard : guard + tensor.numel()].view(tensor.shape)
+    inside.copy_(tensor)
+    assert inside.is_contiguous() and inside.data_ptr() == buffer.data_ptr() + guard * buffer.element_size()
+    return inside, buffer
+
+
+@requires_cpu_kernel
+def test_issue_reproduction_empty_level_reads_nothing_before_value():
+    """The reported case: spatial_shapes [[2, 0], [3, 4]], level_start_index [0, 0], the row before
+    value holding nan, locations 0.5 and all weight on the empty level: the output is exactly zero
+    (before the fix the kernel read that row)."""
+    generator = torch.Generator().manual_seed(31)
+    value, _ = _nan_guarded(torch.randn(1, 12, 1, 4, generator=generator, dtype=torch.float64))
+    spatial_shapes = torch.tensor([[2, 0], [3, 4]])
+    level_start_index = torch.tensor([0, 0])
+    locations = torch.full((1, 2, 1, 2, 1, 2), 0.5, dtype=torch.float64)
+    weights = torch.tensor([1.0, 0.0], dtype=torch.float64).view(1, 1, 1, 2, 1).expand(1, 2, 1, 2, 1).contiguous()
+    output, grad_value, grad_locations, grad_weights = forward_and_grads(
+        ms_deform_attn, (value, spatial_shapes, level_start_index, locations, weights)
+    )
+    assert torch.equal(output, torch.zeros_like(output))
+    assert torch.isfinite(grad_value).all() and torch.isfinite(grad_locations).all()
+    assert torch.equal(grad_weights[:, :, :, 0], torch.zeros_like(grad_weights[:, :, :, 0]))
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_no_read_leaves_value(dtype):
+    """value lives in a nan-filled buffer: every location pattern (pixel centres, borders, corners,
+    just outside, far outside, non-finite) on 1x1, empty and ordinary levels, at the first and last
+    level, in forward and backward, gives finite results equal to the reference on a clean copy.
+    (Not the 16-bit types: the CPU kernel reads those from a float32 copy of value.)"""
+    level_shapes = [(0, 3), (1, 1), (3, 4), (2, 1), (4, 0)]
+    num_levels = len(level_shapes)
+    clean, spatial_shapes, level_start_index, _, weights = make_inputs(
+        2, level_shapes, 2, 5, 1, 1, dtype=torch.float64, seed=32
+    )
+    coordinates = [0.0, 1e-7, 0.5, 1.0 - 1e-7, 1.0, 1.0 + 1e-7, -1e-7, -0.49, 1.49, -2.0, 3.0]
+    special = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30]
+    points = [(x, y) for x in coordinates for y in coordinates] + [(s, 0.5) for s in special] + [(0.5, s) for s in special]
+    num_points = len(points)
+    locations = torch.tensor(points, dtype=torch.float64).view(1, 1, 1, 1, num_points, 2)
+    locations = locations.expand(2, 3, 2, num_levels, num_points, 2).contiguous()
+    generator = torch.Generator().manual_seed(33)
+    weights = torch.randn(2, 3, 2, num_levels, num_points, generator=generator, dtype=torch.float64)
+    clean, locations, weights = (t.to(dtype) for t in (clean, locations, weights))
+    guarded, _ = _nan_guarded(clean)
+    actual = forward_and_grads(ms_deform_attn, (guarded, spatial_shapes, level_start_index, locations, weights))
+    expected = forward_and_grads(ms_deform_attn_reference, (clean, spatial_shapes, level_start_index, locations, weights))
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
+    for name, a, e in zip(("output", "grad_value", "grad_sampling_locations", "grad_attention_weights"), actual, expected):
+        assert torch.isfinite(e).all(), f"the reference's {name} is not finite: the case tests nothing"
+        assert torch.isfinite(a).all(), f"{name} is not finite: a read left value"
+        if name != "grad_sampling_locations":  # exactly on pixel edges the two may pick different sides
+            assert relative_error(a.double(), e.double()) <= tolerance, name
+
+
+@requires_cpu_kernel
+def test_inf_and_nan_in_value_never_make_a_finite_result_nan():
+    """The CPU forward reads the clamped row of a corner outside the map with weight 0 (no branch).
+    That row is another corner of the same sample, read with a positive weight: wherever grid_sample
+    gives a finite result the kernel gives the same. (Where grid_sample multiplies an inside corner
+    by weight 0, at exactly one pixel outside, it gives nan where the kernel reads nothing.)"""
+    value, spatial_shapes, level_start_index, _, _ = make_inputs(1, [(3, 4)], 1, 2, 1, 1, seed=34)
+    value = value.clone()
+    value[0, 0, 0, 0] = float("inf")  # channel 0 of pixel (row 0, col 0)
+    value[0, 11, 0, 0] = float("nan")  # channel 0 of pixel (row 2, col 3)
+    # Pixel coordinates from -1.25 to W - 0.25 (H - 0.25): inside, on every border, on corners.
+    xs = (torch.arange(-1.0, 4.0, 0.25, dtype=torch.float64) + 0.5) / 4
+    ys = (torch.arange(-1.0, 3.0, 0.25, dtype=torch.float64) + 0.5) / 3
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="ij"), -1).reshape(-1, 2)
+    locations = grid.view(1, -1, 1, 1, 1, 2)
+    weights = torch.ones(1, grid.shape[0], 1, 1, 1, dtype=torch.float64)
+    output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+    expected = ms_deform_attn_reference(value, spatial_shapes, level_start_index, locations, weights)
+    finite = torch.isfinite(expected)
+    assert 0 < int(finite.sum()) < finite.numel()
+    torch.testing.assert_close(output[finite], expected[finite], rtol=1e-12, atol=1e-12)
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("coordinate_dtype", ["float32", "16-bit"])
+def test_mixed_dtypes_match_reference(value_dtype, coordinate_dtype):
+    """float32 locations and weights with a 16-bit value: output and grad_value in value's dtype,
+    the other gradients in float32, all equal to the float32 computation rounded once."""
+    inputs = make_inputs(2, [(4, 5), (1, 1), (2, 3)], 2, 7, 5, 3, dtype=torch.float32, seed=35)
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    low_value = value.to(value_dtype)
+    if coordinate_dtype == "16-bit":
+        locations, weights = locations.to(value_dtype), weights.to(value_dtype)
+    mixed = (low_value, spatial_shapes, level_start_index, locations, weights)
+    actual = forward_and_grads(ms_deform_attn, mixed, grad_output_dtype=value_dtype)
+    expected = forward_and_grads(ms_deform_attn_reference, mixed, grad_output_dtype=value_dtype)
+    exact = forward_and_grads(
+        ms_deform_attn,
+        (low_value.float(), spatial_shapes, level_start_index, locations.float(), weights.float()),
+        grad_output_dtype=value_dtype,
+    )
+    for a, e, x, dtype in zip(actual, expected, exact, (value_dtype, value_dtype, locations.dtype, weights.dtype)):
+        assert a.dtype == dtype == e.dtype
+        # The kernel is the float32 kernel on the same values, rounded once to the output dtype.
+        torch.testing.assert_close(a, x.to(dtype), rtol=0, atol=0)
+        assert relative_error(a.double(), e.double()) <= (1e-2 if dtype == torch.bfloat16 else 1e-3)
+
+
+@requires_cpu_kernel
+def test_float32_locations_are_not_quantised_with_a_bfloat16_value():
+    """The issue's example: near x = 1.0 on a 134-pixel-wide level, a bfloat16 location is off by up
+    to a quarter pixel (spacing 2**-8, about half a pixel); a float32 location with the bfloat16
+    value samples where it should."""
+    width = 134
+    # value = pixel index - 130: small integers, exact in bfloat16, and an output near 1.7 that
+    # bfloat16 rounds by at most 2**-8.
+    value = (torch.arange(width, dtype=torch.float64) - 130).view(1, width, 1, 1)
+    spatial_shapes, level_start_index = level_tensors([(1, width)])
+    x = (131.7 + 0.5) / width  # pixel coordinate 131.7: reads 1.7
+    locations = torch.tensor([x, 0.5], dtype=torch.float32).view(1, 1, 1, 1, 1, 2)
+    weights = torch.ones(1, 1, 1, 1, 1, dtype=torch.float32)
+    output = ms_deform_attn(value.bfloat16(), spatial_shapes, level_start_index, locations, weights)
+    assert output.dtype == torch.bfloat16
+    assert abs(float(output) - 1.7) <= 2**-7
+    quantised = ms_deform_attn(value.bfloat16(), spatial_shapes, level_start_index, locations.bfloat16(), weights.bfloat16())
+    assert abs(float(quantised) - 1.7) > 0.2, "bfloat16 locations are precise enough here: the case tests nothing"
+
+
+@requires_cpu_kernel
+def test_cpu_backward_is_allowed_in_deterministic_mode():
+    inputs = make_inputs(1, [(3, 4)], 2, 4, 3, 2, seed=36)
+    mode = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        forward_and_grads(ms_deform_attn, inputs)
+    finally:
+        torch.use_deterministic_algorithms(mode)
+
+
+@requires_cpu_kernel
+def test_spatial_shapes_list_gives_the_same_result_and_is_validated():
+    inputs = _valid_inputs()
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    expected = ms_deform_attn(*inputs)
+    for levels in ([(3, 4), (2, 2)], [[3, 4], [2, 2]], ((3, 4), (2, 2))):
+        output = ms_deform_attn(*inputs, spatial_shapes_list=levels)
+        torch.testing.assert_close(output, expected, rtol=0, atol=0)
+    for levels, error, fragment in (
+        (spatial_shapes, TypeError, "spatial_shapes_list must be a list of"),
+        ([(3, 4), (2, 2.0)], TypeError, "spatial_shapes_list must hold"),
+        ([(3, 4)], ValueError, "spatial_shapes_list has 1 levels"),
+        ([(3, 4), (2, 3)], ValueError, "spatial_shapes_list describe sum"),
+        ([(3, 4), (-2, -2)], ValueError, r"spatial_shapes_list\[1\] = \(-2, -2\) must not be negative"),
+        ([(4, 3), (2, 2)], ValueError, "spatial_shapes_list .* differs from spatial_shapes"),
+    ):
+        with pytest.raises(error, match=fragment):
+            ms_deform_attn(*inputs, spatial_shapes_list=levels)
+
+
+def test_level_tensors_on_a_device_are_read_once_per_distinct_pair(monkeypatch):
+    """Without spatial_shapes_list, level tensors on a GPU are copied to the host once per distinct
+    (unmodified) pair; shown on CPU tensors through the same cache, with the copy counted."""
+    reads = []
+    read = ms_deform_attn_op._read_level_values
+
+    def counting_read(spatial_shapes, level_start_index):
+        reads.append(1)
+        return read(spatial_shapes, level_start_index)
+
+    monkeypatch.setattr(ms_deform_attn_op, "_read_level_values", counting_read)
+    monkeypatch.setattr(ms_deform_attn_op, "_checked_level_tensors", {})
+    value, spatial_shapes, level_start_index, _, _ = _valid_inputs()
+
+    def check(shapes, starts, num_rows=16):
+        ms_deform_attn_op._check_level_tensors(shapes, starts, num_rows, value.shape, remember=True)
+
+    check(spatial_shapes, level_start_index)
+    check(spatial_shapes, level_start_index)
+    assert len(reads) == 1
+    level_start_index.add_(0)  # an in-place change (even a no-op) invalidates the entry
+    check(spatial_shapes, level_start_index)
+    assert len(reads) == 2
+    check(spatial_shapes.clone(), level_start_index)  # another tensor
+    assert len(reads) == 3
+    with pytest.raises(ValueError, match="S = 17"):
+        check(spatial_shapes, level_start_index, num_rows=17)
+    bad_starts = torch.tensor([0, 11])
+    for _ in range(2):  # a failed check is not remembered
+        with pytest.raises(ValueError, match="level_start_index"):
+            check(spatial_shapes, bad_starts)
+    assert len(reads) == 6
+    with torch.inference_mode():  # no version counter: read on every call
+        shapes, starts = spatial_shapes.clone(), level_start_index.clone()
+    check(shapes, starts)
+    check(shapes, starts)
+    assert len(reads) == 8

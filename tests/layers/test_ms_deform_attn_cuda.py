@@ -1,15 +1,19 @@
-"""The CUDA kernel of ms_deform_attn against the reference. Runs only when a GPU is visible and the
-extension was built with CUDA (FORCE_CUDA=1 or on a GPU machine); skips with the reason otherwise."""
+"""The CUDA kernel of ms_deform_attn against the reference, and what only a GPU can show: the
+non-determinism alert, no host synchronisation, CUDA graph capture, device checks in C++. Runs only
+when a GPU is visible and the extension was built with CUDA (FORCE_CUDA=1 or on a GPU machine);
+skips with the reason otherwise."""
 import pytest
 import torch
 
-from deformable_family.layers import ms_deform_attn, ms_deform_attn_reference
+from deformable_family.layers import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
 from deformable_family.layers.ms_deform_attn_op import compiled_kernels
 
 if __package__:
     from .test_ms_deform_attn import CASES, LEVELS, TOLERANCE, forward_and_grads, make_inputs, relative_error
+    from .test_ms_deform_attn import _empty_level_case, _nan_guarded
 else:
     from test_ms_deform_attn import CASES, LEVELS, TOLERANCE, forward_and_grads, make_inputs, relative_error
+    from test_ms_deform_attn import _empty_level_case, _nan_guarded
 
 if not torch.cuda.is_available():
     pytest.skip("no GPU visible: the CUDA kernel of ms_deform_attn cannot run here", allow_module_level=True)
@@ -103,3 +107,138 @@ def test_mixed_devices_raise():
     value, spatial_shapes, level_start_index, locations, weights = _to_cuda(make_inputs(1, LEVELS[1], 2, 4, 3, 2))
     with pytest.raises(ValueError, match="spatial_shapes"):
         ms_deform_attn(value, spatial_shapes.cpu(), level_start_index, locations, weights)
+
+
+def test_mixed_devices_raise_in_cpp():
+    """The op called directly (no Python checks): the C++ device check answers."""
+    value, spatial_shapes, level_start_index, locations, weights = _to_cuda(make_inputs(1, LEVELS[1], 2, 4, 3, 2))
+    with pytest.raises(ValueError, match="attention_weights is on cpu"):
+        torch.ops.deformable_family.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights.cpu())
+
+
+def test_backward_alerts_non_determinism():
+    """grad_value is accumulated with atomicAdd: deterministic mode raises, warn_only warns, as
+    PyTorch's own atomicAdd kernels do. The forward is deterministic and allowed."""
+    inputs = _to_cuda(make_inputs(1, LEVELS[1], 2, 4, 3, 2, dtype=torch.float32, seed=26))
+    mode, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        value = inputs[0].clone().requires_grad_()
+        output = ms_deform_attn(value, *inputs[1:])
+        with pytest.raises(RuntimeError, match="ms_deform_attn_backward_cuda"):
+            output.sum().backward()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="ms_deform_attn_backward_cuda"):
+            ms_deform_attn(value, *inputs[1:]).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("empty_position", [0, 1, 2])
+def test_empty_levels_read_zero(empty_position):
+    inputs = _to_cuda(_empty_level_case(empty_position, (2, 0), dtype=torch.float32))
+    cpu64 = tuple(t.cpu().double() if t.is_floating_point() else t.cpu() for t in inputs)
+    expected = forward_and_grads(ms_deform_attn_reference, cpu64)
+    actual = forward_and_grads(ms_deform_attn, inputs)
+    for a, e in zip(actual, expected):
+        assert relative_error(a.cpu().double(), e) <= TOLERANCE[torch.float32]
+
+
+def test_no_read_leaves_value():
+    """value inside a nan-filled buffer, empty levels first and last, the issue's locations 0.5."""
+    clean, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        2, [(0, 3), (1, 1), (3, 4), (4, 0)], 2, 5, 6, 3, dtype=torch.float32, seed=27
+    )
+    guarded, _ = _nan_guarded(clean.cuda())
+    locations[:, :, :, :, 0] = 0.5
+    inputs = (guarded, spatial_shapes.cuda(), level_start_index.cuda(), locations.cuda(), weights.cuda())
+    actual = forward_and_grads(ms_deform_attn, inputs)
+    expected = forward_and_grads(ms_deform_attn_reference, (clean, spatial_shapes, level_start_index, locations, weights))
+    for a, e in zip(actual, expected):
+        assert torch.isfinite(a).all()
+        assert relative_error(a.cpu().double(), e.double()) <= TOLERANCE[torch.float32]
+
+
+def test_level_tensors_that_disagree_with_value_are_never_read_outside_it():
+    """The C++ checks do not read CUDA level tensors (that would synchronise): a direct call with a
+    level description that overruns value must still read nothing outside it."""
+    clean, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        1, [(3, 4), (2, 2)], 2, 4, 5, 2, dtype=torch.float32, seed=28
+    )
+    guarded, _ = _nan_guarded(clean.cuda())
+    for shapes, starts in (([[3, 4], [9, 9]], [0, 12]), ([[3, 4], [2, 2]], [0, 14]), ([[3, 4], [2, 2]], [-5, 12])):
+        output = torch.ops.deformable_family.ms_deform_attn(
+            guarded, torch.tensor(shapes).cuda(), torch.tensor(starts).cuda(), locations.cuda(), weights.cuda()
+        )
+        assert torch.isfinite(output).all()
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mixed_dtypes_match_reference(value_dtype):
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        2, LEVELS[4], 2, 32, 7, 4, dtype=torch.float32, seed=29
+    )
+    mixed = _to_cuda((value.to(value_dtype), spatial_shapes, level_start_index, locations, weights))
+    actual = forward_and_grads(ms_deform_attn, mixed, grad_output_dtype=value_dtype)
+    exact = tuple(t.cpu().double() if t.is_floating_point() else t.cpu() for t in mixed)
+    expected = forward_and_grads(ms_deform_attn_reference, exact, grad_output_dtype=value_dtype)
+    for a, e, dtype in zip(actual, expected, (value_dtype, value_dtype, torch.float32, torch.float32)):
+        assert a.dtype == dtype
+        assert relative_error(a.cpu().double(), e) <= (2e-2 if value_dtype == torch.bfloat16 else 2e-3)
+
+
+def _attention_inputs(batch=2, num_queries=6):
+    torch.manual_seed(30)
+    module = MSDeformAttn(d_model=32, n_levels=4, n_heads=2, n_points=4).cuda()
+    levels = LEVELS[4]
+    spatial_shapes = torch.tensor(levels, device="cuda")
+    areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+    level_start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    num_rows = sum(h * w for h, w in levels)
+    query = torch.randn(batch, num_queries, 32, device="cuda")
+    reference_points = torch.rand(batch, num_queries, 4, 2, device="cuda")
+    value = torch.randn(batch, num_rows, 32, device="cuda")
+    return module, (query, reference_points, value, spatial_shapes, level_start_index), levels
+
+
+def test_no_host_synchronisation_in_msdeformattn():
+    module, inputs, levels = _attention_inputs()
+    module(*inputs, spatial_shapes_list=levels)  # warm-up (lazy initialisations may synchronise)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        output = module(*inputs, spatial_shapes_list=levels)
+        output.sum().backward()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            output = module(*inputs, spatial_shapes_list=levels)
+        output.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_cuda_graph_capture_and_replay():
+    module, inputs, levels = _attention_inputs()
+    with torch.no_grad():
+        expected = module(*inputs, spatial_shapes_list=levels)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graphs asks
+            module(*inputs, spatial_shapes_list=levels)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = module(*inputs, spatial_shapes_list=levels)
+        inputs[2].mul_(2)  # new values in the captured input
+        graph.replay()
+        torch.testing.assert_close(captured, module(*inputs, spatial_shapes_list=levels))
+        assert not torch.allclose(captured, expected)
+
+
+def test_compile_reduce_overhead():
+    module, inputs, levels = _attention_inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):  # recorded into a CUDA graph after warm-up runs
+            output = compiled(*inputs, spatial_shapes_list=levels)
+        torch.testing.assert_close(output, module(*inputs, spatial_shapes_list=levels), rtol=1e-4, atol=1e-4)

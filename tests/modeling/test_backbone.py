@@ -6,6 +6,7 @@ from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
 
+from deformable_family.config import add_multiscale_resnet_config
 from deformable_family.modeling.backbones import MultiScaleResNet
 
 
@@ -50,20 +51,30 @@ def test_stride_on_3x3_conv_and_neck_init():
         assert conv.bias.abs().sum() == 0
         fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
         fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
-        bound = (6.0 / (fan_in + fan_out)) ** 0.5  # xavier_uniform
-        assert conv.weight.abs().max() <= bound
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5  # xavier_uniform: U(-bound, bound)
+        # Its spread, not only its bound: PyTorch's default (kaiming_uniform, a = sqrt(5)) draws
+        # from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), inside the same bound but about half as wide
+        # here. Over >= 262k draws the std of U(-b, b), b / sqrt(3), is within 1%.
+        weight = conv.weight.detach()
+        assert weight.abs().max() <= bound
+        assert weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.01)
 
 
 def test_yacs_builder_registered():
     assert "build_multiscale_resnet_backbone" in BACKBONE_REGISTRY
     cfg = get_cfg()
-    cfg.MODEL.BACKBONE.NAME = "build_multiscale_resnet_backbone"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    add_multiscale_resnet_config(cfg)
+    cfg.MODEL.RESNETS.DEPTH = 50
+    cfg.MODEL.MULTISCALE_RESNET.OUT_CHANNELS = 64
     backbone = build_backbone(cfg, ShapeSpec(channels=3))
     assert isinstance(backbone, MultiScaleResNet)
     assert [s.stride for s in backbone.output_shape().values()] == [8, 16, 32, 64]
+    assert all(s.channels == 64 for s in backbone.output_shape().values())
+    # The LazyConfig's torchvision layout, not detectron2's default STRIDE_IN_1X1=True.
+    assert backbone.body.res3[0].conv1.stride == (1, 1) and backbone.body.res3[0].conv2.stride == (2, 2)
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    cfg.MODEL.MULTISCALE_RESNET.NUM_EXTRA_LEVELS = 0
+    assert [s.stride for s in build_backbone(cfg, ShapeSpec(channels=3)).output_shape().values()] == [32]
 
 
 def test_bad_arguments_are_clear_errors():

@@ -210,7 +210,11 @@ def test_zero_target_images():
     assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou"].item() == 0.0
     # Every element is a negative at logit 0; num_boxes is clamped to 1; weight 2.
     assert losses["loss_class"].item() == pytest.approx(2.0 * 4 * focal_element(0.0, 0))
-    sum(losses.values()).backward()  # the box losses stay in the graph
+    sum(losses.values()).backward()
+    # The box losses stay in the graph (no error, a gradient reaches the boxes) and, with nothing
+    # matched, push no box anywhere.
+    assert outputs["pred_boxes"].grad is not None
+    assert torch.all(outputs["pred_boxes"].grad == 0)
 
 
 def test_num_boxes_without_distributed():
@@ -318,3 +322,29 @@ def test_criterion_on_cuda_matches_cpu():
     for key, loss in cpu_losses.items():
         assert cuda_losses[key].device.type == "cuda"
         torch.testing.assert_close(cuda_losses[key].cpu(), loss, rtol=1e-4, atol=1e-5)
+
+
+def test_targets_are_validated_once_per_call(monkeypatch):
+    """Validated where they enter (the criterion), not again by the matcher for each output set."""
+    from deformable_family.modeling import criterion as criterion_module
+    from deformable_family.modeling import matcher as matcher_module
+
+    calls = []
+    check_targets = matcher_module.check_targets
+
+    def counting_check_targets(*args, **kwargs):
+        calls.append(args[1:])
+        return check_targets(*args, **kwargs)
+
+    monkeypatch.setattr(matcher_module, "check_targets", counting_check_targets)
+    monkeypatch.setattr(criterion_module, "check_targets", counting_check_targets)
+    generator = torch.Generator().manual_seed(9)
+    outputs, _, _ = random_outputs(generator)
+    outputs["aux_outputs"] = [random_outputs(generator)[0] for _ in range(3)]
+    outputs["enc_outputs"] = random_outputs(generator, num_queries=6, num_classes=1)[0]
+    losses = SetCriterion(3, HungarianMatcher())(outputs, make_targets())
+    assert len(losses) == 3 * 5
+    assert calls == [(2, 3)]
+    # The matcher alone still validates what it is given.
+    HungarianMatcher()(outputs, make_targets())
+    assert calls == [(2, 3), (2, 3)]

@@ -1,5 +1,7 @@
 """Deformable DETR meta-architecture: training and inference on CPU with tiny inputs."""
 
+import os
+
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
@@ -7,7 +9,8 @@ from detectron2.structures import Boxes, Instances
 
 from deformable_family.modeling.deformable_detr import DeformableDETR
 
-MODEL_CONFIG = "configs/common/models/deformable_detr.py"
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+MODEL_CONFIG = os.path.join(ROOT, "configs", "common", "models", "deformable_detr.py")
 VARIANTS = ["single_scale", "multi_scale", "box_refine", "two_stage"]
 
 
@@ -16,7 +19,6 @@ def tiny_model_config(variant: str):
     model = LazyConfig.load(MODEL_CONFIG).model
     model.backbone.depth = 18
     model.transformer.d_model = 64
-    model.position_embedding.num_pos_feats = 32
     for part in (model.transformer.encoder, model.transformer.decoder):
         part.num_layers = 2
         part.d_ffn = 128
@@ -116,22 +118,36 @@ def test_zero_gradients_at_init_come_only_from_zero_initialised_layers():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_inference_returns_instances_inside_output_size(variant):
+def test_inference_returns_instances_rescaled_to_the_output_size(variant):
+    """The detections are the top-k (query, class) sigmoid scores, their normalised boxes scaled to
+    the unpadded input, clipped, then scaled to the requested output size (here twice the input),
+    empty boxes dropped: recomputed here from the raw outputs, by the formula."""
     torch.manual_seed(0)
     model = instantiate(tiny_model_config(variant))
     model.eval()
     batch = make_batch()
     with torch.no_grad():
         results = model(batch)
+        images, mask = model.preprocess_image(batch)
+        outputs = model.forward_outputs(images.tensor, mask)
     assert len(results) == len(batch)
-    for result, item in zip(results, batch):
+    num_classes = model.num_classes
+    for index, (result, item) in enumerate(zip(results, batch)):
         instances = result["instances"]
         assert instances.image_size == (item["height"], item["width"])
-        assert 0 < len(instances) <= model.select_topk
-        boxes = instances.pred_boxes.tensor
-        assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= item["width"]).all()
-        assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= item["height"]).all()
-        assert ((instances.pred_classes >= 0) & (instances.pred_classes < model.num_classes)).all()
+        input_height, input_width = item["image"].shape[1:]
+        scores, flat = outputs["pred_logits"][index].sigmoid().flatten().topk(model.select_topk)
+        cx, cy, w, h = outputs["pred_boxes"][index, flat // num_classes].unbind(-1)
+        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+        boxes = boxes * torch.tensor([input_width, input_height, input_width, input_height])
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, input_width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, input_height)
+        boxes = boxes * torch.tensor([item["width"] / input_width, item["height"] / input_height] * 2)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        assert 0 < len(instances) == int(keep.sum())
+        torch.testing.assert_close(instances.pred_boxes.tensor, boxes[keep], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(instances.scores, scores[keep])
+        assert torch.equal(instances.pred_classes, (flat % num_classes)[keep])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -192,6 +208,10 @@ def test_position_embedding_width_mismatch_is_a_clear_error():
     config.position_embedding.num_pos_feats = 128
     with pytest.raises(ValueError, match="num_pos_feats"):
         instantiate(config)
+    config = tiny_model_config("multi_scale")
+    config.position_embedding.num_channels = 128
+    with pytest.raises(ValueError, match="position_embedding gives 128 channels"):
+        instantiate(config)
 
 
 def test_num_classes_override_reaches_criterion_and_heads():
@@ -213,3 +233,81 @@ def test_heads_have_one_state_dict_key_each():
     ids = [id(p) for p in model.parameters()]
     assert len(ids) == len(set(ids))
     assert sum(1 for key in keys if key.startswith("class_embed.") and key.endswith(".weight")) == 2
+
+
+@pytest.mark.parametrize("variant", ["box_refine", "two_stage"])
+def test_per_layer_and_proposal_heads_start_as_copies_of_one_head(variant):
+    """The authors build one class head and one box head and deep-copy them per decoder layer
+    (and for the two-stage proposals): identical initial weights everywhere."""
+    torch.manual_seed(0)
+    model = instantiate(tiny_model_config(variant))
+    reference_class = model.class_embed[0].state_dict()
+    reference_box = model.bbox_embed[-1].state_dict()
+    assert len(model.class_embed) == len(model.bbox_embed) == model.transformer.decoder.num_layers
+    for head in model.class_embed:
+        for key, value in head.state_dict().items():
+            assert torch.equal(value, reference_class[key]), key
+    for layer, head in enumerate(model.bbox_embed):
+        for key, value in head.state_dict().items():
+            expected = reference_box[key].clone()
+            if layer == 0 and variant == "box_refine" and key == "layers.2.bias":
+                expected[2:] = -2.0  # only the first layer starts with small (w, h)
+            assert torch.equal(value, expected), (layer, key)
+    assert torch.all(model.bbox_embed[-1].layers[2].bias == 0)
+    if variant == "two_stage":
+        for key, value in model.proposal_class_embed.state_dict().items():
+            assert torch.equal(value, reference_class[key]), key
+        for key, value in model.proposal_bbox_embed.state_dict().items():
+            assert torch.equal(value, reference_box[key]), key
+        config = tiny_model_config(variant)
+        config.proposal_num_classes = 1
+        binary = instantiate(config)
+        assert binary.proposal_class_embed.weight.shape == (1, 64)
+        torch.testing.assert_close(binary.proposal_class_embed.weight, binary.class_embed[0].weight[:1])
+        torch.testing.assert_close(binary.proposal_class_embed.bias, binary.class_embed[0].bias[:1])
+
+
+def test_two_stage_with_fewer_encoder_pixels_than_queries():
+    """A 40 x 48 image gives 5*6 + 3*3 + 2*2 + 1*1 = 44 encoder pixels for 60 queries: every pixel
+    becomes a proposal (the authors' top-k would fail), training and inference work."""
+    torch.manual_seed(0)
+    config = tiny_model_config("two_stage")
+    config.num_queries = 60
+    model = instantiate(config)
+    generator = torch.Generator().manual_seed(3)
+    batch = [make_input(40, 48, 2, generator)]
+    images, mask = model.preprocess_image(batch)
+    outputs = model.forward_outputs(images.tensor, mask)
+    num_pixels = sum(f.shape[-2] * f.shape[-1] for f in model.backbone(images.tensor).values())
+    assert num_pixels == 44 < model.num_queries
+    assert outputs["pred_logits"].shape == (1, num_pixels, model.num_classes)
+    assert outputs["enc_outputs"]["pred_logits"].shape[1] == num_pixels
+    model.train()
+    losses = model(batch)
+    assert all(torch.isfinite(loss) for loss in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        (result,) = model(batch)
+    assert 0 < len(result["instances"]) <= model.select_topk
+
+
+def test_bgr_input_gives_the_rgb_result():
+    """input_format="BGR" with the statistics in BGR order: the same detections for the same
+    picture given in BGR (the backbone always sees RGB)."""
+    torch.manual_seed(0)
+    rgb_model = instantiate(tiny_model_config("multi_scale")).eval()
+    config = tiny_model_config("multi_scale")
+    config.input_format = "BGR"
+    config.pixel_mean = list(reversed(rgb_model.pixel_mean.flatten().tolist()))
+    config.pixel_std = list(reversed(rgb_model.pixel_std.flatten().tolist()))
+    bgr_model = instantiate(config).eval()
+    bgr_model.load_state_dict(rgb_model.state_dict())
+    item = make_batch()[0]
+    with torch.no_grad():
+        (rgb,) = rgb_model([{"image": item["image"]}])
+        (bgr,) = bgr_model([{"image": item["image"].flip(0)}])
+        (unflipped,) = bgr_model([{"image": item["image"]}])
+    torch.testing.assert_close(bgr["instances"].pred_boxes.tensor, rgb["instances"].pred_boxes.tensor)
+    torch.testing.assert_close(bgr["instances"].scores, rgb["instances"].scores)
+    assert not torch.allclose(unflipped["instances"].scores, rgb["instances"].scores)

@@ -190,3 +190,19 @@ def test_half_precision_predictions():
     targets = [make_target([0, 1], [[0.2, 0.2, 0.2, 0.2], [0.8, 0.8, 0.2, 0.2]])]
     (match,) = HungarianMatcher()(outputs, targets)
     assert as_pairs(match) == [(0, 1), (1, 0)]
+
+
+def test_target_values_are_checked_with_one_host_sync(monkeypatch):
+    """check_targets reads the values of the whole batch back once (one sync on a GPU), not once
+    per image and field."""
+    from deformable_family.modeling.matcher import check_targets
+
+    targets = [make_target([0, 1], [[0.3, 0.3, 0.2, 0.2], [0.5, 0.5, 0.1, 0.1]]) for _ in range(4)]
+    reads = []
+    to_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: reads.append(1) or to_bool(self))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or 0)
+    checked = check_targets(targets, 4, 2)
+    monkeypatch.undo()
+    assert len(reads) == 1
+    assert list(checked) == targets

@@ -90,3 +90,17 @@ def test_invalid_arguments():
         detr_inference(logits, torch.zeros(1, 3, 4), [(10, 10)])
     with pytest.raises(ValueError, match="same length"):
         postprocess_to_original(detr_inference(logits, boxes, [(10, 10)]), [], [(10, 10)])
+
+
+def test_boxes_empty_after_clipping_are_dropped():
+    """Query 1 lies wholly right of the image: clipped to zero width, dropped by
+    detector_postprocess, so the image ends with fewer detections than top-k."""
+    logits = torch.tensor([[[2.0], [3.0]]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [1.5, 0.5, 0.2, 0.2]]])
+    results = detr_inference(logits, boxes, [(50, 100)], num_topk=2)
+    assert len(results[0]) == 2  # kept (clipped to zero width) until the rescale
+    (processed,) = postprocess_to_original(results, [{"height": 100, "width": 200}], [(50, 100)])
+    instances = processed["instances"]
+    assert len(instances) == 1
+    torch.testing.assert_close(instances.pred_boxes.tensor, torch.tensor([[80.0, 40.0, 120.0, 60.0]]))
+    torch.testing.assert_close(instances.scores, torch.sigmoid(torch.tensor([2.0])))

@@ -37,5 +37,8 @@ dataloader.test = L(build_detection_test_loader)(
 
 dataloader.evaluator = L(build_coco_evaluator)(
     dataset_name="${..test.dataset.names}",
-    output_dir=None,
+    # coco_instances_results.json (and the raw predictions) of each evaluation go here.
+    output_dir="${train.output_dir}/inference",
+    # COCO's maxDets follows the detections the model keeps per image.
+    max_dets_per_image="${model.select_topk}",
 )

@@ -26,7 +26,7 @@ model = L(DeformableDETR)(
         stride_in_1x1=False,  # torchvision-style ResNet weights
     ),
     position_embedding=L(PositionEmbeddingSine)(
-        num_pos_feats=128,  # d_model / 2 per axis; change with transformer.d_model
+        num_channels="${..transformer.d_model}",  # d_model / 2 sine features per axis
         temperature=10000,
         normalize=True,
     ),
@@ -39,6 +39,8 @@ model = L(DeformableDETR)(
             n_levels="${..num_levels}",
             n_heads=8,
             n_points=4,
+            # "extension" (the compiled CPU/CUDA kernels) or "triton" (the Triton kernels, CUDA).
+            attn_backend="extension",
         ),
         decoder=L(DeformableDecoder)(
             num_layers=6,
@@ -48,6 +50,7 @@ model = L(DeformableDETR)(
             n_levels="${..num_levels}",
             n_heads=8,
             n_points=4,
+            attn_backend="extension",  # "extension" or "triton", as the encoder
         ),
         d_model=256,
         num_levels=4,

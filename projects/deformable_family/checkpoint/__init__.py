@@ -7,6 +7,13 @@ from .deformable_detr import (
     convert_official_state_dict,
     detect_variant,
 )
+from .dsct import (
+    DSCTVariant,
+    convert_official_dsct_state_dict,
+    detect_dsct_variant,
+    dsct_config_name_for,
+    load_official_checkpoint,
+)
 from .smca_detr import (
     OfficialSMCAVariant,
     convert_official_smca_state_dict,
@@ -16,6 +23,11 @@ from .smca_detr import (
 )
 
 __all__ = [
+    "DSCTVariant",
+    "convert_official_dsct_state_dict",
+    "detect_dsct_variant",
+    "dsct_config_name_for",
+    "load_official_checkpoint",
     "OfficialVariant",
     "check_fits_model",
     "config_name_for",

@@ -99,14 +99,33 @@ def _resnet_depth(state_dict: Mapping[str, torch.Tensor]) -> int:
     return depths[(bottleneck, blocks)]
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape
+def _check_repeated_heads(state_dict: Mapping[str, torch.Tensor], heads: List[int]) -> None:
+    """Without refinement the authors repeat one class head and one box head for every decoder
+    layer (``nn.ModuleList([head] * n)``): every ``class_embed.{i}`` / ``bbox_embed.{i}`` must hold
+    the values of entry 0, whether or not the file kept their shared storage."""
+    for key, value in state_dict.items():
+        match = re.match(r"(class_embed|bbox_embed)\.(\d+)\.(.+)$", key)
+        if not match or match.group(2) == "0":
+            continue
+        first = state_dict.get(f"{match.group(1)}.0.{match.group(3)}")
+        if first is None or first.shape != value.shape or not torch.equal(first, value):
+            raise ValueError(
+                f"{key} differs from {match.group(1)}.0.{match.group(3)}, but the checkpoint has no "
+                "transformer.decoder.bbox_embed.* keys: it is neither the authors' layout without "
+                "refinement (one head repeated per layer) nor their refinement layout (heads also "
+                "registered under the decoder). Was it re-saved without some keys?"
+            )
 
 
 def detect_variant(checkpoint: Mapping) -> OfficialVariant:
-    """Read the variant off the keys: levels from the number of ``input_proj``, two-stage from
-    ``transformer.enc_output``, refinement from distinct ``class_embed.{i}`` tensors (the non-refine
-    model repeats one head, so its entries share storage)."""
+    """Read the variant off the authors' structural keys: levels from the number of
+    ``input_proj``, two-stage from ``transformer.enc_output``, box refinement from
+    ``transformer.decoder.bbox_embed.*`` (their refinement model registers its per-layer box heads
+    under the decoder too; without refinement the decoder has no box head).
+
+    The tensors' storage is never looked at, so a checkpoint re-saved without shared storage is
+    read the same. Without refinement, the repeated heads must hold equal values (else ValueError).
+    """
     state_dict = _unwrap(checkpoint)
     num_levels = len(_indices(state_dict, r"input_proj\.(\d+)\."))
     if num_levels == 0:
@@ -117,10 +136,15 @@ def detect_variant(checkpoint: Mapping) -> OfficialVariant:
     num_decoder_layers = len(_indices(state_dict, r"transformer\.decoder\.layers\.(\d+)\."))
     num_encoder_layers = len(_indices(state_dict, r"transformer\.encoder\.layers\.(\d+)\."))
     two_stage = "transformer.enc_output.weight" in state_dict
-    first = state_dict["class_embed.0.weight"]
-    with_box_refine = two_stage or any(
-        not _same_tensor(first, state_dict[f"class_embed.{i}.weight"]) for i in heads[1:]
-    )
+    with_box_refine = any(key.startswith("transformer.decoder.bbox_embed.") for key in state_dict)
+    if two_stage and not with_box_refine:
+        raise ValueError(
+            "the checkpoint is two-stage (transformer.enc_output.*) without box refinement (no "
+            "transformer.decoder.bbox_embed.*): this package's two-stage model always refines boxes, "
+            "as the authors' released two-stage model"
+        )
+    if not with_box_refine:
+        _check_repeated_heads(state_dict, heads)
     return OfficialVariant(
         depth=_resnet_depth(state_dict),
         num_levels=num_levels,
@@ -128,7 +152,7 @@ def detect_variant(checkpoint: Mapping) -> OfficialVariant:
         num_decoder_layers=num_decoder_layers,
         with_box_refine=with_box_refine,
         two_stage=two_stage,
-        num_classes=first.shape[0],
+        num_classes=state_dict["class_embed.0.weight"].shape[0],
     )
 
 

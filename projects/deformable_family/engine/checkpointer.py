@@ -1,12 +1,15 @@
-"""A DetectionCheckpointer whose files are replaced atomically."""
+"""A DetectionCheckpointer whose files are replaced atomically and that warns about Caffe2 weights."""
+import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, Dict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 __all__ = ["AtomicDetectionCheckpointer", "atomic_write_bytes"]
+
+logger = logging.getLogger(__name__)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -53,7 +56,23 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
     to temporary files in the same folder, fsynced, and moved into place with ``os.replace``.
 
     Only local folders are supported for ``save`` (remote PathManager handlers have no rename).
+
+    ``load`` warns when the file is in detectron2's Caffe2 format (e.g. its
+    ``ImageNetPretrained/MSRA/R-50.pkl``): those weights expect BGR input, pixel std 1 and the
+    stride in the 1x1 conv, yet load without error into this family's torchvision-layout backbone.
     """
+
+    def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        checkpoint = super().load(path, *args, **kwargs)
+        if checkpoint.get("__author__") == "Caffe2":
+            logger.warning(
+                f"{path} holds detectron2's Caffe2 (MSRA) weights: trained on BGR images with pixel "
+                "std 1 and the stride in the 1x1 conv, they do not match this torchvision-layout "
+                "backbone (RGB, ImageNet mean/std, MODEL.RESNETS.STRIDE_IN_1X1=False) although they "
+                "load. Use torchvision's ImageNet ResNet converted by detectron2's "
+                "tools/convert-torchvision-to-d2.py instead."
+            )
+        return checkpoint
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:

@@ -5,7 +5,7 @@ authors (backbone and the sampling-offset / reference-point projections at 0.1x 
 built here, once, for every detector of the family.
 """
 import logging
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from torch import nn
 
@@ -20,6 +20,7 @@ def param_groups_by_name(
     lr_multipliers: Optional[Mapping[str, float]] = None,
     weight_decay: Optional[float] = None,
     weight_decay_norm: Optional[float] = None,
+    optional_lr_multiplier_keys: Sequence[str] = (),
 ) -> List[Dict[str, Any]]:
     """Group the trainable parameters of ``model`` by the learning-rate multiplier they get.
 
@@ -36,6 +37,11 @@ def param_groups_by_name(
         weight_decay: weight decay of every group; None leaves the optimizer's default.
         weight_decay_norm: weight decay of normalisation-layer parameters (GroupNorm, LayerNorm,
             BatchNorm); None applies ``weight_decay`` to them too, as the authors do.
+        optional_lr_multiplier_keys: keys of ``lr_multipliers`` that some models of the family do
+            not have (e.g. ``"reference_points"``: a two-stage Deformable DETR takes its reference
+            points from the encoder's proposals, not from a projection). A key that matches no
+            parameter is warned about (a misspelt or renamed key would silently train at 1x),
+            unless it is listed here.
 
     Returns:
         A list of dicts accepted by ``torch.optim`` optimizers, with keys ``params``, ``lr`` and
@@ -51,6 +57,14 @@ def param_groups_by_name(
             raise ValueError(f"param_groups_by_name: lr_multipliers keys must be non-empty strings, got {key!r}")
         if not isinstance(multiplier, (int, float)) or multiplier < 0:
             raise ValueError(f"param_groups_by_name: lr_multipliers[{key!r}] must be >= 0, got {multiplier!r}")
+
+    if isinstance(optional_lr_multiplier_keys, str) or not all(
+        isinstance(key, str) for key in optional_lr_multiplier_keys
+    ):
+        raise TypeError(
+            "param_groups_by_name: optional_lr_multiplier_keys must be a list of strings, got "
+            f"{optional_lr_multiplier_keys!r}"
+        )
 
     norm_types = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
     norm_param_ids = set()
@@ -79,8 +93,14 @@ def param_groups_by_name(
             group["weight_decay"] = decay
         group["params"].append(param)
 
+    optional = set(optional_lr_multiplier_keys)
     for key, count in matched_counts.items():
-        if count == 0:
-            # Not an error: e.g. a single-scale model has no parameter matching every key.
-            logger.warning(f"param_groups_by_name: no trainable parameter name contains {key!r}")
+        if count == 0 and key in optional:
+            logger.debug(f"param_groups_by_name: no parameter matches the optional key {key!r}")
+        elif count == 0:
+            logger.warning(
+                f"param_groups_by_name: no trainable parameter name contains {key!r}, so its lr "
+                "multiplier applies to nothing; check the key's spelling (or list it in "
+                "optional_lr_multiplier_keys if this model has no such parameter)"
+            )
     return list(groups.values())

@@ -1,13 +1,22 @@
 """detectron2 trainers with the two checks the DETR recipe needs: gradient max-norm clipping over
-all parameters, and a clear error when the loss stops being finite."""
+all parameters (its norm logged as ``grad_norm``), and a clear error on every rank when a loss
+stops being finite."""
 import logging
 from typing import Iterable, Mapping, Optional
 
 import torch
-from detectron2.engine import AMPTrainer, SimpleTrainer
+import torch.distributed as dist
+from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer
+from detectron2.utils import comm
 from torch import nn
 
-__all__ = ["build_trainer", "add_gradient_clipping", "DetrSimpleTrainer", "DetrAMPTrainer"]
+__all__ = [
+    "build_trainer",
+    "add_gradient_clipping",
+    "DetrSimpleTrainer",
+    "DetrAMPTrainer",
+    "NonFiniteLossCheck",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,28 +49,72 @@ def add_gradient_clipping(optimizer: torch.optim.Optimizer, max_norm: float, nor
     return optimizer
 
 
-class _FiniteLossCheck:
-    """Raise ``FloatingPointError`` naming the iteration as soon as a loss is not finite.
+class NonFiniteLossCheck(HookBase):
+    """Stop training on every rank, naming the iteration, as soon as a loss is not finite on any
+    rank; put the gradient norm computed by :func:`add_gradient_clipping` in the event storage
+    (``grad_norm``, before clipping).
 
-    ``_write_metrics`` is the one method both detectron2 v0.6 and main call after the forward and
-    before ``optimizer.step()``, on every rank; checking here stops training before a NaN reaches
-    the weights (detectron2's own check runs only on rank 0, and in main may run asynchronously).
+    The check sees the loss dict of every step through a forward hook on the trainer's model (in
+    training mode the model returns the loss dict; detectron2's trainer says to wrap the model to
+    act on the losses). It does not rely on the trainer's metric writing, which detectron2 main may
+    run asynchronously and which checks only on rank 0. All losses are checked in one reduction and
+    the flags of all ranks are summed in one all_reduce, a single host sync per step; the check
+    runs after the forward, before ``backward`` and ``optimizer.step``, so a NaN never reaches the
+    weights, and every rank raises at the same iteration instead of leaving the others waiting in
+    a collective.
     """
 
-    def _write_metrics(self, loss_dict: Mapping[str, torch.Tensor], data_time: float, *args, **kwargs):
-        bad = [k for k, v in loss_dict.items() if not torch.isfinite(v.detach()).all()]
-        if bad:
-            values = {k: float(v.detach().float().mean()) for k, v in loss_dict.items()}
-            raise FloatingPointError(f"Loss became infinite or NaN at iteration {self.iter}: {bad} (losses: {values})")
-        return super()._write_metrics(loss_dict, data_time, *args, **kwargs)
+    def __init__(self):
+        self._handle = None
+
+    def before_train(self) -> None:
+        self._handle = self.trainer.model.register_forward_hook(self._check_losses)
+
+    def after_train(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _check_losses(self, module: nn.Module, inputs, outputs) -> None:
+        if not module.training or not isinstance(outputs, Mapping) or not outputs:
+            return
+        losses = torch.stack([value.detach().float().sum() for value in outputs.values()])
+        world_size = comm.get_world_size()
+        rank_flags = torch.zeros(world_size, dtype=torch.float32, device=losses.device)
+        rank_flags[comm.get_rank()] = (~torch.isfinite(losses)).any().float()
+        if world_size > 1:
+            dist.all_reduce(rank_flags)
+        if bool(rank_flags.any()):  # the one host sync of the check
+            bad_ranks = torch.nonzero(rank_flags).flatten().tolist()
+            values = {key: float(value.detach().float().mean()) for key, value in outputs.items()}
+            raise FloatingPointError(
+                f"Loss became infinite or NaN at iteration {self.trainer.iter} on rank(s) {bad_ranks} "
+                f"(this is rank {comm.get_rank()}; its losses: {values})"
+            )
+
+    def after_step(self) -> None:
+        norm = getattr(self.trainer.optimizer, "last_grad_norm", None)
+        if norm is not None and comm.is_main_process():
+            self.trainer.storage.put_scalar("grad_norm", float(norm))
+        if norm is not None:
+            # AMP skips optimizer.step on inf gradients: never log a stale norm.
+            self.trainer.optimizer.last_grad_norm = None
 
 
-class DetrSimpleTrainer(_FiniteLossCheck, SimpleTrainer):
-    """detectron2's SimpleTrainer with the finite-loss check."""
+class DetrSimpleTrainer(SimpleTrainer):
+    """detectron2's SimpleTrainer with :class:`NonFiniteLossCheck` registered first."""
+
+    def __init__(self, model, data_loader, optimizer, **kwargs):
+        super().__init__(model, data_loader, optimizer, **kwargs)
+        self.register_hooks([NonFiniteLossCheck()])
 
 
-class DetrAMPTrainer(_FiniteLossCheck, AMPTrainer):
-    """detectron2's AMPTrainer with the finite-loss check."""
+class DetrAMPTrainer(AMPTrainer):
+    """detectron2's AMPTrainer with :class:`NonFiniteLossCheck` registered first."""
+
+    def __init__(self, model, data_loader, optimizer, **kwargs):
+        super().__init__(model, data_loader, optimizer, **kwargs)
+        self.register_hooks([NonFiniteLossCheck()])
 
 
 def build_trainer(

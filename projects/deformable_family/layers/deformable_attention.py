@@ -1,13 +1,13 @@
 """Multi-scale deformable attention (Deformable DETR, Eq. 3 of the paper)."""
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ms_deform_attn_op import ms_deform_attn
+from .ms_deform_attn_op import check_attn_backend, ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):
@@ -18,17 +18,28 @@ class MSDeformAttn(nn.Module):
     the query by Linear layers. ``W'_m`` is ``value_proj``, ``W_m`` is ``output_proj``.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        attn_backend: str = "extension",
+    ):
         """
         Args:
             d_model: channels of queries and values; must be divisible by ``n_heads``.
             n_levels: number of feature levels L.
             n_heads: number of heads M.
             n_points: sampling points K per head and level.
+            attn_backend: the ``backend`` of :func:`ms_deform_attn` that samples: ``"extension"``
+                (the compiled CPU/CUDA kernels) or ``"triton"`` (the Triton kernels).
         """
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        check_attn_backend(attn_backend, "MSDeformAttn: attn_backend")
+        self.attn_backend = attn_backend
         self.d_model = d_model
         self.n_levels = n_levels
         self.n_heads = n_heads
@@ -65,6 +76,7 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         value_padding_mask: Optional[torch.Tensor] = None,
+        spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -75,16 +87,23 @@ class MSDeformAttn(nn.Module):
             spatial_shapes: (L, 2) int64 (H_l, W_l).
             level_start_index: (L,) int64 start of each level in S.
             value_padding_mask: (N, S) bool, True on padding (those values are zeroed, never attended).
+            spatial_shapes_list: the values of spatial_shapes as L (H_l, W_l) Python ints, which
+                the caller knows from its feature maps. With it the sizes are checked on the host
+                and the forward reads no tensor on the host (no GPU synchronisation; CUDA graphs and
+                torch.compile(fullgraph=True) work); without it the op checks the tensors (once per
+                distinct pair on a GPU, see :func:`ms_deform_attn`).
 
         Returns:
-            (N, Lq, d_model).
+            (N, Lq, d_model), in the dtype of the value projection (16-bit under autocast).
         """
         batch, num_queries, _ = query.shape
         _, num_values, _ = value_input.shape
-        if int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum()) != num_values:
-            raise ValueError(
-                f"spatial_shapes {spatial_shapes.tolist()} do not sum to the {num_values} values of value_input"
-            )
+        if spatial_shapes_list is not None:
+            if sum(h * w for h, w in spatial_shapes_list) != num_values:
+                raise ValueError(
+                    f"spatial_shapes_list {list(spatial_shapes_list)} do not sum to the "
+                    f"{num_values} values of value_input"
+                )
         value = self.value_proj(value_input)
         if value_padding_mask is not None:
             value = value.masked_fill(value_padding_mask[..., None], 0.0)
@@ -95,9 +114,14 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(
             batch, num_queries, self.n_heads, self.n_levels * self.n_points
         )
-        weights = F.softmax(weights, -1).view(
+        # Locations and weights stay in float32 when the linear layers run in 16 bits (autocast):
+        # in bfloat16 a location near 1.0 is quantised to about half a pixel on a 134-pixel-wide
+        # level. The op reads float32 locations with a 16-bit value.
+        offsets = _at_least_float32(offsets)
+        weights = F.softmax(_at_least_float32(weights), -1).view(
             batch, num_queries, self.n_heads, self.n_levels, self.n_points
         )
+        reference_points = _at_least_float32(reference_points)
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: normalise by (W_l, H_l).
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(
@@ -118,6 +142,17 @@ class MSDeformAttn(nn.Module):
                 f"reference_points must end with 2 or 4 coordinates, got {tuple(reference_points.shape)}"
             )
         output = ms_deform_attn(
-            value, spatial_shapes, level_start_index, sampling_locations, weights
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            weights,
+            spatial_shapes_list=spatial_shapes_list,
+            backend=self.attn_backend,
         )
         return self.output_proj(output)
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """A 16-bit tensor in float32; float32 and float64 as they are."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor

@@ -1,6 +1,7 @@
 """Sine position encodings of feature-map pixels and of boxes (DETR; Deformable DETR)."""
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -41,30 +42,49 @@ class PositionEmbeddingSine(nn.Module):
 
     def __init__(
         self,
-        num_pos_feats: int = 128,
+        num_pos_feats: Optional[int] = None,
         temperature: float = 10000.0,
         normalize: bool = True,
         scale: float = 2 * math.pi,
         eps: float = 1e-6,
+        num_channels: Optional[int] = None,
         offset: float = -0.5,
     ):
         """
         Args:
             num_pos_feats: features per axis; the output has ``2 * num_pos_feats`` channels.
+                Default: ``num_channels // 2``, or 128 when ``num_channels`` is not given either.
             temperature: temperature of the sinusoid.
             normalize: map positions to (0, scale) over the valid extent (Deformable DETR: True).
             scale: range after normalisation.
             eps: avoids division by zero on an all-padding row or column.
+            num_channels: output channels (the model's d_model, so that a config interpolates it
+                from one field); must be even, and equal ``2 * num_pos_feats`` if both are given.
             offset: added to the cumulative count before normalising: -0.5 (Deformable DETR), 0.0
                 (DETR and SMCA-DETR, whose last valid pixel sits at ``scale``).
         """
         super().__init__()
-        self.num_pos_feats = num_pos_feats
+        if num_channels is not None:
+            if num_channels <= 0 or num_channels % 2 != 0:
+                raise ValueError(f"num_channels must be a positive even number, got {num_channels}")
+            if num_pos_feats is not None and 2 * num_pos_feats != num_channels:
+                raise ValueError(
+                    f"num_pos_feats ({num_pos_feats}) gives {2 * num_pos_feats} channels but "
+                    f"num_channels is {num_channels}: set only num_channels (e.g. to d_model)"
+                )
+            num_pos_feats = num_channels // 2
+        self.num_pos_feats = 128 if num_pos_feats is None else num_pos_feats
         self.temperature = temperature
         self.normalize = normalize
         self.scale = scale
         self.eps = eps
         self.offset = offset
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_pos_feats={self.num_pos_feats}, temperature={float(self.temperature)}, "
+            f"normalize={self.normalize}, scale={float(self.scale)}, offset={float(self.offset)}"
+        )
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
         """

@@ -4,4 +4,5 @@ Importing this package registers the backbones and meta-architectures in detectr
 """
 from .backbones import MultiScaleResNet, build_multiscale_resnet_backbone
 from .deformable_detr import DeformableDETR
+from .dsct import DSCT
 from .smca_detr import SMCADETR

@@ -6,14 +6,14 @@ assignment: sigmoid focal classification, L1 and GIoU box losses, all divided by
 ``num_boxes``. The returned dict holds losses already multiplied by their weights, since
 detectron2's trainer sums the dict.
 """
-from typing import Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .losses import giou_box_loss, l1_box_loss, sigmoid_focal_loss
-from .matcher import check_targets
+from .matcher import MULTI_HOT_KEY, CheckedTargets, check_multi_hot_targets, check_targets
 
 __all__ = ["SetCriterion", "compute_num_boxes"]
 
@@ -72,6 +72,11 @@ class SetCriterion(nn.Module):
     the same with suffix ``_{i}`` for ``outputs["aux_outputs"][i]`` and ``_enc`` for
     ``outputs["enc_outputs"]``. Every output set uses the same three base weights, so the number of
     auxiliary losses follows the number of decoder layers with no change to the weights.
+
+    Multi-label set prediction (DSCT): with ``multi_label`` the class target of a matched query is
+    its target's ``MULTI_HOT_KEY`` vector instead of the one-hot of its label (unmatched queries
+    stay all-zero); with ``num_class_logits`` = k only the first k logits enter the
+    classification loss (DSCT on CAER-S: 7 emotions, the 8th logit is never trained).
     """
 
     def __init__(
@@ -85,6 +90,8 @@ class SetCriterion(nn.Module):
         },  # noqa: B006
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        multi_label: bool = False,
+        num_class_logits: Optional[int] = None,
     ):
         """
         Args:
@@ -94,6 +101,8 @@ class SetCriterion(nn.Module):
             weight_dict: weight of each of "loss_class", "loss_bbox", "loss_giou" (all three
                 required; the dict is copied, never modified).
             focal_alpha, focal_gamma: parameters of the sigmoid focal loss.
+            multi_label: targets carry ``MULTI_HOT_KEY`` (n, num_classes) 0/1 class targets.
+            num_class_logits: k, classification loss on the first k logits only; None: all.
         """
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
@@ -114,6 +123,17 @@ class SetCriterion(nn.Module):
         self.weight_dict = {name: float(weight_dict[name]) for name in LOSS_NAMES}
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        if num_class_logits is not None and (
+            not isinstance(num_class_logits, int)
+            or isinstance(num_class_logits, bool)
+            or not 1 <= num_class_logits <= num_classes
+        ):
+            raise ValueError(
+                f"num_class_logits must be None or an int in [1, num_classes={num_classes}], "
+                f"got {num_class_logits!r}"
+            )
+        self.multi_label = bool(multi_label)
+        self.num_class_logits = num_class_logits
 
     def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """
@@ -129,10 +149,23 @@ class SetCriterion(nn.Module):
             dict of weighted 0-dim losses, see the class docstring for the keys.
         """
         pred_logits = outputs["pred_logits"]
-        check_targets(targets, pred_logits.shape[0], self.num_classes)
+        # Validated once here, where the targets enter; the matcher does not validate a
+        # CheckedTargets list again for each output set.
+        targets = check_targets(targets, pred_logits.shape[0], self.num_classes)
+        if self.multi_label:
+            check_multi_hot_targets(targets, self.num_classes)
         num_boxes = compute_num_boxes(targets, pred_logits.device)
 
-        losses = self._losses_of(outputs, targets, num_boxes, "", "outputs", self.num_classes)
+        losses = self._losses_of(
+            outputs,
+            targets,
+            num_boxes,
+            "",
+            "outputs",
+            self.num_classes,
+            self.multi_label,
+            self.num_class_logits,
+        )
         for layer_index, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
             output_name = f"outputs['aux_outputs'][{layer_index}]"
             losses.update(
@@ -143,6 +176,8 @@ class SetCriterion(nn.Module):
                     f"_{layer_index}",
                     output_name,
                     self.num_classes,
+                    self.multi_label,
+                    self.num_class_logits,
                 )
             )
         if "enc_outputs" in outputs:
@@ -150,10 +185,13 @@ class SetCriterion(nn.Module):
             # The proposals are scored as foreground vs. background: every target becomes class 0,
             # as in the authors' code. With C proposal logits (as they have), column 0 learns
             # foreground and the other columns are always negatives.
-            binary_targets = [
-                {"labels": torch.zeros_like(target["labels"]), "boxes": target["boxes"]}
-                for target in targets
-            ]
+            binary_targets = CheckedTargets(
+                [
+                    {"labels": torch.zeros_like(target["labels"]), "boxes": target["boxes"]}
+                    for target in targets
+                ],
+                num_classes=1,
+            )
             num_enc_classes = enc_outputs["pred_logits"].shape[-1]
             losses.update(
                 self._losses_of(
@@ -175,11 +213,15 @@ class SetCriterion(nn.Module):
         suffix: str,
         output_name: str,
         num_classes: int,
+        multi_label: bool = False,
+        num_class_logits: Optional[int] = None,
     ) -> Dict[str, Tensor]:
         """
         Match one output set and return its three weighted losses, keys suffixed with ``suffix``;
         ``output_name`` says which set in error messages, ``num_classes`` is its expected number
-        of logits.
+        of logits; ``multi_label`` takes the class targets from ``MULTI_HOT_KEY`` and
+        ``num_class_logits`` keeps the first k logits in the class loss (neither is used for the
+        two-stage proposals, which are scored as foreground vs. background).
         """
         for key in ("pred_logits", "pred_boxes"):
             if key not in outputs:
@@ -200,17 +242,26 @@ class SetCriterion(nn.Module):
         matched_targets = [
             (target, target_idx) for target, (_, target_idx) in zip(targets, indices)
         ]
-        target_labels = torch.cat(
-            [target["labels"][target_idx] for target, target_idx in matched_targets]
-        )
         target_onehot = torch.zeros_like(pred_logits)
-        target_onehot[batch_idx, query_idx, target_labels.long()] = 1
+        if multi_label:
+            target_onehot[batch_idx, query_idx] = torch.cat(
+                [target[MULTI_HOT_KEY][target_idx] for target, target_idx in matched_targets]
+            ).to(target_onehot.dtype)
+        else:
+            target_labels = torch.cat(
+                [target["labels"][target_idx] for target, target_idx in matched_targets]
+            )
+            target_onehot[batch_idx, query_idx, target_labels.long()] = 1
+        class_logits = pred_logits
+        if num_class_logits is not None:
+            class_logits = pred_logits[..., :num_class_logits]
+            target_onehot = target_onehot[..., :num_class_logits]
         # sigmoid_focal_loss averages over the queries; multiplying by Q makes it a sum over
         # queries, as in the authors' code, so the classification loss does not shrink with more
         # queries.
         num_queries = pred_logits.shape[1]
         loss_class = num_queries * sigmoid_focal_loss(
-            pred_logits, target_onehot, num_boxes, self.focal_alpha, self.focal_gamma
+            class_logits, target_onehot, num_boxes, self.focal_alpha, self.focal_gamma
         )
 
         src_boxes = pred_boxes[batch_idx, query_idx]
@@ -231,5 +282,6 @@ class SetCriterion(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, weight_dict={self.weight_dict}, "
-            f"focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}"
+            f"focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}, "
+            f"multi_label={self.multi_label}, num_class_logits={self.num_class_logits}"
         )

@@ -6,7 +6,7 @@ with Transformers", ECCV 2020, Eq. 1). The cost is the weighted sum of one small
 so another class cost (e.g. softmax probability for DETR) is one more function, not a second
 matcher.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -17,9 +17,13 @@ from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 __all__ = [
     "HungarianMatcher",
     "focal_class_cost",
+    "multi_label_focal_class_cost",
+    "check_multi_hot_targets",
+    "MULTI_HOT_KEY",
     "l1_box_cost",
     "giou_box_cost",
     "check_targets",
+    "CheckedTargets",
 ]
 
 # Added inside the logs of the focal class cost so that p = 0 or p = 1 gives a large finite cost,
@@ -28,15 +32,35 @@ _LOG_EPS = 1e-8
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
+# Target field of multi-label set prediction (e.g. DSCT's emotions): (n, C) with, per target, the
+# 0/1 value every class logit of its matched query should take.
+MULTI_HOT_KEY = "multi_hot_labels"
 
-def check_targets(targets: Sequence[Dict[str, Tensor]], batch_size: int, num_classes: int) -> None:
+
+class CheckedTargets(list):
+    """The targets of a batch, as returned by :func:`check_targets`: a list that remembers it was
+    validated with labels in ``[0, num_classes)``, so that the matcher, called once per output set
+    by the criterion, does not validate the same targets again."""
+
+    def __init__(self, targets: Sequence[Dict[str, Tensor]], num_classes: int):
+        super().__init__(targets)
+        self.num_classes = num_classes
+
+
+def check_targets(
+    targets: Sequence[Dict[str, Tensor]], batch_size: int, num_classes: int
+) -> CheckedTargets:
     """
-    Validate the targets of a batch.
+    Validate the targets of a batch where they enter (the criterion), with one host sync for the
+    values of the whole batch.
 
     Args:
         targets: list of ``batch_size`` dicts with "labels" (n,) int64 and "boxes" (n, 4).
         batch_size: B of the predictions.
         num_classes: labels must lie in [0, num_classes).
+
+    Returns:
+        the same dicts as a :class:`CheckedTargets` list.
 
     Raises:
         TypeError / ValueError naming the image index and the field at fault.
@@ -47,6 +71,7 @@ def check_targets(targets: Sequence[Dict[str, Tensor]], batch_size: int, num_cla
         raise ValueError(
             f"targets has {len(targets)} entries but the predictions have batch size {batch_size}"
         )
+    invalid_flags = []
     for image_index, target in enumerate(targets):
         for field in ("labels", "boxes"):
             if field not in target:
@@ -65,14 +90,20 @@ def check_targets(targets: Sequence[Dict[str, Tensor]], batch_size: int, num_cla
             raise ValueError(
                 f"targets[{image_index}] has {labels.shape[0]} labels but {boxes.shape[0]} boxes"
             )
-        # "all(w >= 0)" rather than "any(w < 0)" so that NaN fails too.
-        boxes_valid = torch.isfinite(boxes).all() & (boxes[:, 2:] >= 0).all()
-        if boxes.numel() > 0 and not bool(boxes_valid):
-            raise ValueError(
-                f"targets[{image_index}]['boxes'] must be finite normalised cxcywh boxes with "
-                "w, h >= 0"
-            )
         if labels.numel() > 0:
+            flag = _invalid_values(labels, boxes, num_classes)
+            invalid_flags.append(flag.to(targets[0]["labels"].device))
+    # One sync for the batch; the slow path below only runs to say what is wrong.
+    if invalid_flags and bool(torch.stack(invalid_flags).any()):
+        for image_index, target in enumerate(targets):
+            labels, boxes = target["labels"], target["boxes"]
+            # "all(w >= 0)" rather than "any(w < 0)" so that NaN fails too.
+            boxes_valid = torch.isfinite(boxes).all() & (boxes[:, 2:] >= 0).all()
+            if boxes.numel() > 0 and not bool(boxes_valid):
+                raise ValueError(
+                    f"targets[{image_index}]['boxes'] must be finite normalised cxcywh boxes with "
+                    "w, h >= 0"
+                )
             invalid = (labels < 0) | (labels >= num_classes)
             if bool(invalid.any()):
                 bad_label = int(labels[invalid][0])
@@ -80,6 +111,25 @@ def check_targets(targets: Sequence[Dict[str, Tensor]], batch_size: int, num_cla
                     f"targets[{image_index}]['labels'] has label {bad_label} outside "
                     f"[0, {num_classes})"
                 )
+    return CheckedTargets(targets, num_classes)
+
+
+def _invalid_values(labels: Tensor, boxes: Tensor, num_classes: int) -> Tensor:
+    """0-dim bool on the targets' device: any non-finite box, negative size or label outside
+    [0, num_classes)."""
+    boxes_valid = torch.isfinite(boxes).all() & (boxes[:, 2:] >= 0).all()
+    return ~boxes_valid | ((labels < 0) | (labels >= num_classes)).any()
+
+
+def _check_predictions_finite(image_index: int, pred_logits: Tensor, pred_boxes: Tensor) -> None:
+    """Raise naming the image when its predictions hold NaN or inf (run only once an error was
+    found, to say what it is: the predictions are not checked on the normal path)."""
+    logits_finite = torch.isfinite(pred_logits[image_index]).all()
+    if not bool(logits_finite & torch.isfinite(pred_boxes[image_index]).all()):
+        raise ValueError(
+            f"outputs['pred_logits'][{image_index}] or outputs['pred_boxes'][{image_index}] "
+            "has NaN or inf entries: the model diverged or produced invalid predictions"
+        )
 
 
 def focal_class_cost(logits: Tensor, target_labels: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -103,6 +153,67 @@ def focal_class_cost(logits: Tensor, target_labels: Tensor, alpha: float, gamma:
     negative_cost = (1 - alpha) * prob ** gamma * (-(1 - prob + _LOG_EPS).log())
     positive_cost = alpha * (1 - prob) ** gamma * (-(prob + _LOG_EPS).log())
     return positive_cost[:, target_labels] - negative_cost[:, target_labels]
+
+
+def check_multi_hot_targets(
+    targets: Sequence[Dict[str, Tensor]], num_classes: int, min_width: Optional[int] = None
+) -> None:
+    """
+    Validate the ``MULTI_HOT_KEY`` field of multi-label targets (``check_targets`` checks the rest).
+
+    Args:
+        targets: list of dicts with "labels" (n,) and ``MULTI_HOT_KEY`` (n, K) of 0/1 values.
+        num_classes: the expected width K, or None to accept any width >= ``min_width``.
+        min_width: with ``num_classes`` None, the smallest accepted K.
+
+    Raises:
+        ValueError naming the image index and the field at fault.
+    """
+    for image_index, target in enumerate(targets):
+        if MULTI_HOT_KEY not in target:
+            raise ValueError(
+                f"targets[{image_index}] has no '{MULTI_HOT_KEY}' field, which multi-label "
+                "matching and losses need"
+            )
+        multi_hot = target[MULTI_HOT_KEY]
+        num_targets = target["labels"].shape[0]
+        width_ok = (
+            multi_hot.shape[-1] == num_classes
+            if num_classes is not None
+            else multi_hot.shape[-1] >= (min_width or 1)
+        )
+        if multi_hot.dim() != 2 or multi_hot.shape[0] != num_targets or not width_ok:
+            expected = num_classes if num_classes is not None else f">= {min_width}"
+            raise ValueError(
+                f"targets[{image_index}]['{MULTI_HOT_KEY}'] must have shape ({num_targets}, "
+                f"{expected}), got {tuple(multi_hot.shape)}"
+            )
+        if multi_hot.numel() > 0 and not bool(((multi_hot == 0) | (multi_hot == 1)).all()):
+            raise ValueError(f"targets[{image_index}]['{MULTI_HOT_KEY}'] must hold only 0 and 1")
+
+
+def multi_label_focal_class_cost(
+    logits: Tensor, target_multi_hot: Tensor, alpha: float, gamma: float
+) -> Tensor:
+    """
+    Multi-label focal classification cost of DSCT (its matcher with ``binary_flag``): the focal
+    cost of ``focal_class_cost`` at every positive class of the target, averaged over all K
+    classes (a mean over K, not over the positives: a target with more positive labels weighs more).
+
+        cost(q, t) = 1/K * sum_k y[t, k] * (pos(p[q, k]) - neg(p[q, k]))
+
+    Args:
+        logits: (Q, K) class logits of one image.
+        target_multi_hot: (n, K) 0/1 targets.
+        alpha, gamma: focal parameters.
+
+    Returns:
+        (Q, n) cost.
+    """
+    prob = logits.sigmoid()
+    negative_cost = (1 - alpha) * prob ** gamma * (-(1 - prob + _LOG_EPS).log())
+    positive_cost = alpha * (1 - prob) ** gamma * (-(prob + _LOG_EPS).log())
+    return (positive_cost - negative_cost) @ target_multi_hot.to(logits.dtype).t() / logits.shape[1]
 
 
 def l1_box_cost(pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
@@ -137,6 +248,10 @@ class HungarianMatcher(nn.Module):
 
     When an image has more queries than targets, the unmatched queries are background; with more
     targets than queries, only Q targets are matched.
+
+    With ``multi_label`` the class cost is ``multi_label_focal_class_cost`` on the targets'
+    ``MULTI_HOT_KEY`` vectors (DSCT); ``num_class_logits`` restricts the class cost to the first k
+    logits (DSCT's last logit, subject-ness, is not part of its class cost).
     """
 
     def __init__(
@@ -146,6 +261,8 @@ class HungarianMatcher(nn.Module):
         cost_giou: float = 2.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        multi_label: bool = False,
+        num_class_logits: Optional[int] = None,
     ):
         """
         Args:
@@ -153,6 +270,10 @@ class HungarianMatcher(nn.Module):
             cost_bbox: weight of the L1 distance between normalised cxcywh boxes.
             cost_giou: weight of the negative GIoU.
             focal_alpha, focal_gamma: parameters of the focal classification cost.
+            multi_label: targets carry ``MULTI_HOT_KEY`` (n, C) and the class cost is the
+                multi-label focal cost on them instead of the focal cost at ``labels``.
+            num_class_logits: k, use only the first k logits (and the first k columns of the
+                multi-hot targets) in the class cost; None uses all.
         """
         super().__init__()
         weights = {"cost_class": cost_class, "cost_bbox": cost_bbox, "cost_giou": cost_giou}
@@ -169,13 +290,28 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        if num_class_logits is not None and (
+            not isinstance(num_class_logits, int)
+            or isinstance(num_class_logits, bool)
+            or num_class_logits < 1
+        ):
+            raise ValueError(
+                f"num_class_logits must be None or a positive int, got {num_class_logits!r}"
+            )
+        self.multi_label = bool(multi_label)
+        self.num_class_logits = num_class_logits
 
     def class_cost(self, logits: Tensor, target_labels: Tensor) -> Tensor:
         """(Q, C) logits, (n,) labels -> (Q, n) classification cost; override for another cost."""
         return focal_class_cost(logits, target_labels, self.focal_alpha, self.focal_gamma)
 
     def cost_matrix(
-        self, logits: Tensor, pred_boxes: Tensor, target_labels: Tensor, target_boxes: Tensor
+        self,
+        logits: Tensor,
+        pred_boxes: Tensor,
+        target_labels: Tensor,
+        target_boxes: Tensor,
+        target_multi_hot: Optional[Tensor] = None,
     ) -> Tensor:
         """
         Args:
@@ -183,6 +319,7 @@ class HungarianMatcher(nn.Module):
             pred_boxes: (Q, 4) normalised cxcywh.
             target_labels: (n,) int64.
             target_boxes: (n, 4) normalised cxcywh.
+            target_multi_hot: (n, C) 0/1 class targets, required with ``multi_label``.
 
         Returns:
             (Q, n) float32 total cost.
@@ -190,8 +327,19 @@ class HungarianMatcher(nn.Module):
         # float32 so the costs of fp16/bf16 predictions do not lose the small differences that
         # decide the assignment.
         logits, pred_boxes, target_boxes = logits.float(), pred_boxes.float(), target_boxes.float()
+        if self.num_class_logits is not None:
+            logits = logits[:, : self.num_class_logits]
+        if self.multi_label:
+            if target_multi_hot is None:
+                raise ValueError(f"multi_label matching needs the targets' '{MULTI_HOT_KEY}'")
+            target_multi_hot = target_multi_hot[:, : logits.shape[1]]
+            class_cost = multi_label_focal_class_cost(
+                logits, target_multi_hot, self.focal_alpha, self.focal_gamma
+            )
+        else:
+            class_cost = self.class_cost(logits, target_labels)
         return (
-            self.cost_class * self.class_cost(logits, target_labels)
+            self.cost_class * class_cost
             + self.cost_bbox * l1_box_cost(pred_boxes, target_boxes)
             + self.cost_giou * giou_box_cost(pred_boxes, target_boxes)
         )
@@ -204,7 +352,9 @@ class HungarianMatcher(nn.Module):
         Args:
             outputs: {"pred_logits": (B, Q, C) logits, "pred_boxes": (B, Q, 4) normalised cxcywh};
                 other keys are ignored.
-            targets: list of B dicts {"labels": (n_b,) int64, "boxes": (n_b, 4) normalised cxcywh}.
+            targets: list of B dicts {"labels": (n_b,) int64, "boxes": (n_b, 4) normalised cxcywh};
+                validated here unless it is the :class:`CheckedTargets` that ``check_targets``
+                returned (the criterion validates once for all its output sets).
 
         Returns:
             list of B tuples (query_idx, target_idx), int64 CPU tensors of length min(Q, n_b),
@@ -224,35 +374,51 @@ class HungarianMatcher(nn.Module):
                 f"{tuple(pred_logits.shape[:2]) + (4,)}, got {tuple(pred_boxes.shape)}"
             )
         batch_size, _, num_classes = pred_logits.shape
-        check_targets(targets, batch_size, num_classes)
-        logits_finite = torch.isfinite(pred_logits).flatten(1).all(1)
-        boxes_finite = torch.isfinite(pred_boxes).flatten(1).all(1)
-        finite_per_image = logits_finite & boxes_finite
-        if not bool(finite_per_image.all()):
-            image_index = int(torch.nonzero(~finite_per_image)[0])
+        if self.num_class_logits is not None and self.num_class_logits > num_classes:
             raise ValueError(
-                f"outputs['pred_logits'][{image_index}] or outputs['pred_boxes'][{image_index}] "
-                "has NaN or inf entries: the model diverged or produced invalid predictions"
+                f"num_class_logits ({self.num_class_logits}) exceeds the {num_classes} logits of "
+                "outputs['pred_logits']"
             )
+        if not (
+            isinstance(targets, CheckedTargets)
+            and len(targets) == batch_size
+            and targets.num_classes <= num_classes
+        ):
+            targets = check_targets(targets, batch_size, num_classes)
+            if self.multi_label:
+                check_multi_hot_targets(targets, None, self.num_class_logits or num_classes)
 
-        indices = []
+        costs = {}
         for image_index, target in enumerate(targets):
             if target["labels"].numel() == 0:
-                empty = torch.empty(0, dtype=torch.int64)
-                indices.append((empty, empty.clone()))
                 continue
             try:
-                cost = self.cost_matrix(
+                costs[image_index] = self.cost_matrix(
                     pred_logits[image_index],
                     pred_boxes[image_index],
                     target["labels"],
                     target["boxes"],
-                ).cpu()
+                    target.get(MULTI_HOT_KEY) if self.multi_label else None,
+                )
             except ValueError as error:
+                _check_predictions_finite(image_index, pred_logits, pred_boxes)
                 # The box ops name their arguments boxes1 (predictions) and boxes2 (targets):
                 # say which image.
                 raise ValueError(f"matching image {image_index}: {error}") from error
+        # One device-to-host copy for the batch (scipy solves on the CPU).
+        if costs:
+            flat = torch.cat([cost.flatten() for cost in costs.values()]).cpu()
+            costs = dict(zip(costs, flat.split([cost.numel() for cost in costs.values()])))
+
+        indices = []
+        for image_index, target in enumerate(targets):
+            if image_index not in costs:
+                empty = torch.empty(0, dtype=torch.int64)
+                indices.append((empty, empty.clone()))
+                continue
+            cost = costs[image_index].view(pred_logits.shape[1], -1)
             if not bool(torch.isfinite(cost).all()):
+                _check_predictions_finite(image_index, pred_logits, pred_boxes)
                 raise ValueError(
                     f"the matching cost of image {image_index} has NaN or inf entries: check "
                     f"outputs['pred_logits'][{image_index}], "
@@ -271,5 +437,6 @@ class HungarianMatcher(nn.Module):
         return (
             f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, "
             f"cost_giou={self.cost_giou}, focal_alpha={self.focal_alpha}, "
-            f"focal_gamma={self.focal_gamma}"
+            f"focal_gamma={self.focal_gamma}, multi_label={self.multi_label}, "
+            f"num_class_logits={self.num_class_logits}"
         )

@@ -148,18 +148,29 @@ class MultiScaleResNet(Backbone):
 
 @BACKBONE_REGISTRY.register()
 def build_multiscale_resnet_backbone(cfg, input_shape: ShapeSpec) -> MultiScaleResNet:
-    """yacs entry point: MODEL.RESNETS.{DEPTH, OUT_FEATURES, NORM, STRIDE_IN_1X1},
-    MODEL.BACKBONE.FREEZE_AT; one extra level when more than one stage is used (the authors' choice).
+    """yacs entry point: ``MODEL.RESNETS.{DEPTH, OUT_FEATURES, NORM, STRIDE_IN_1X1}``,
+    ``MODEL.BACKBONE.FREEZE_AT`` and ``MODEL.MULTISCALE_RESNET.{NUM_EXTRA_LEVELS, OUT_CHANNELS,
+    NUM_GROUPS}``, added by ``deformable_family.config.add_multiscale_resnet_config`` (or
+    ``add_deformable_detr_config``) with the LazyConfig's defaults. detectron2's own default of
+    ``STRIDE_IN_1X1`` (True, Caffe2 weights) is the opposite of this backbone's, so a config
+    without those keys is refused rather than built differently.
     """
     if input_shape.channels != 3:
         raise ValueError(
             f"input_shape.channels must be 3 (RGB/BGR images), got {input_shape.channels}"
         )
-    in_features = list(cfg.MODEL.RESNETS.OUT_FEATURES)
+    if "MULTISCALE_RESNET" not in cfg.MODEL:
+        raise KeyError(
+            "cfg.MODEL.MULTISCALE_RESNET is missing: call "
+            "deformable_family.config.add_deformable_detr_config(cfg) (or add_multiscale_resnet_config) "
+            "before setting the config, so that the backbone's defaults are those of the LazyConfig"
+        )
     return MultiScaleResNet(
         depth=cfg.MODEL.RESNETS.DEPTH,
-        in_features=in_features,
-        num_extra_levels=1 if len(in_features) > 1 else 0,
+        in_features=list(cfg.MODEL.RESNETS.OUT_FEATURES),
+        num_extra_levels=cfg.MODEL.MULTISCALE_RESNET.NUM_EXTRA_LEVELS,
+        out_channels=cfg.MODEL.MULTISCALE_RESNET.OUT_CHANNELS,
+        num_groups=cfg.MODEL.MULTISCALE_RESNET.NUM_GROUPS,
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
         norm=cfg.MODEL.RESNETS.NORM,
         stride_in_1x1=cfg.MODEL.RESNETS.STRIDE_IN_1X1,

@@ -8,15 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 
 from deformable_family.layers.mlp import MLP
 from deformable_family.layers.position_encoding import PositionEmbeddingSine
 from deformable_family.modeling.box_ops import box_xyxy_to_cxcywh
+from deformable_family.modeling.criterion import SetCriterion
+from deformable_family.modeling.matcher import HungarianMatcher
 from deformable_family.modeling.postprocessing import detr_inference, postprocess_to_original
 
-from .transformer import DeformableTransformer, refine_boxes
+from .transformer import DeformableDecoder, DeformableEncoder, DeformableTransformer, refine_boxes
 
 __all__ = ["DeformableDETR"]
 
@@ -26,6 +29,16 @@ def _class_head(d_model: int, num_classes: int, prior_prob: float = 0.01) -> nn.
     # Focal-loss prior: every class starts at probability prior_prob (RetinaNet, Sec. 4.1).
     nn.init.constant_(head.bias, -math.log((1 - prior_prob) / prior_prob))
     return head
+
+
+def _first_rows(head: nn.Linear, num_rows: int) -> nn.Linear:
+    """A deep copy of ``head`` keeping only its first ``num_rows`` outputs."""
+    copied = copy.deepcopy(head)
+    if num_rows != head.out_features:
+        copied.weight = nn.Parameter(head.weight.detach()[:num_rows].clone())
+        copied.bias = nn.Parameter(head.bias.detach()[:num_rows].clone())
+        copied.out_features = num_rows
+    return copied
 
 
 def _box_head(d_model: int, size_bias: float) -> MLP:
@@ -45,8 +58,13 @@ class DeformableDETR(nn.Module):
     iterative refinement, else a single head applied to every layer (the authors repeat one module,
     so its parameters count once). Two-stage adds ``proposal_class_embed`` / ``proposal_bbox_embed``
     on the encoder output. The heads reach the transformer as call arguments.
+
+    Built from a LazyConfig (``configs/common/models/deformable_detr.py``) or, as a registered
+    detectron2 meta-architecture, by ``build_model(cfg)`` from a yacs config prepared with
+    ``deformable_family.config.add_deformable_detr_config`` (see :meth:`from_config`).
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -95,6 +113,10 @@ class DeformableDETR(nn.Module):
             raise ValueError(
                 f"transformer.two_stage ({transformer.two_stage}) differs from two_stage ({two_stage})"
             )
+        if two_stage and not 1 <= proposal_num_classes <= num_classes:
+            raise ValueError(
+                f"proposal_num_classes must be in [1, num_classes={num_classes}], got {proposal_num_classes}"
+            )
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
@@ -139,25 +161,31 @@ class DeformableDETR(nn.Module):
             self.query_embed = nn.Embedding(num_queries, d_model * 2)
 
         num_decoder_layers = transformer.decoder.num_layers
+        # As the authors: one class head and one box head are built and initialised, and every
+        # per-layer head (refinement) and the two-stage proposal heads are deep copies of them, so
+        # all start from identical weights.
+        class_head = _class_head(d_model, num_classes)
+        box_head = _box_head(d_model, size_bias=0.0)
         if with_box_refine:
-            # Deep copies of one freshly initialised head, as the authors; only the first layer's
-            # box head starts with small (w, h).
             self.class_embed = nn.ModuleList(
-                copy.deepcopy(_class_head(d_model, num_classes)) for _ in range(num_decoder_layers)
+                copy.deepcopy(class_head) for _ in range(num_decoder_layers)
             )
-            box_head = _box_head(d_model, size_bias=0.0)
             self.bbox_embed = nn.ModuleList(
                 copy.deepcopy(box_head) for _ in range(num_decoder_layers)
             )
+            # Only the first layer's box head starts with small (w, h); the two-stage model keeps
+            # 0 for every box head, as the authors' code resets them.
             if not two_stage:
                 nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
         else:
-            self.class_embed = nn.ModuleList([_class_head(d_model, num_classes)])
-            self.bbox_embed = nn.ModuleList([_box_head(d_model, size_bias=-2.0)])
+            nn.init.constant_(box_head.layers[-1].bias[2:], -2.0)
+            self.class_embed = nn.ModuleList([class_head])
+            self.bbox_embed = nn.ModuleList([box_head])
         if two_stage:
-            # Authors' code: the two-stage model resets every box head's (w, h) bias to 0.
-            self.proposal_class_embed = _class_head(d_model, proposal_num_classes)
-            self.proposal_bbox_embed = _box_head(d_model, size_bias=0.0)
+            # The authors' proposal heads are one more copy of each head; a narrower proposal class
+            # head keeps the copy's first rows (only row 0, the foreground logit, is used).
+            self.proposal_class_embed = _first_rows(class_head, proposal_num_classes)
+            self.proposal_bbox_embed = copy.deepcopy(box_head)
 
         self.register_buffer(
             "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False
@@ -165,6 +193,84 @@ class DeformableDETR(nn.Module):
         self.register_buffer(
             "pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False
         )
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict[str, Any]:
+        """The constructor's arguments from a yacs config (``MODEL.DEFORMABLE_DETR`` and the
+        backbone's keys, see ``deformable_family.config``); the parts are built in the order the
+        LazyConfig builds them, so the same seed gives the same initial weights."""
+        if "DEFORMABLE_DETR" not in cfg.MODEL:
+            raise KeyError(
+                "cfg.MODEL.DEFORMABLE_DETR is missing: call "
+                "deformable_family.config.add_deformable_detr_config(cfg) first"
+            )
+        config = cfg.MODEL.DEFORMABLE_DETR
+        backbone = build_backbone(cfg)
+        d_model = config.HIDDEN_DIM
+        num_levels = len(backbone.output_shape())
+        position_embedding = PositionEmbeddingSine(
+            num_channels=d_model, temperature=config.POSITION_TEMPERATURE, normalize=True
+        )
+        layer_sizes = dict(
+            d_model=d_model,
+            d_ffn=config.DIM_FEEDFORWARD,
+            dropout=config.DROPOUT,
+            n_levels=num_levels,
+            n_heads=config.NHEADS,
+        )
+        encoder = DeformableEncoder(
+            num_layers=config.ENC_LAYERS,
+            n_points=config.ENC_N_POINTS,
+            attn_backend=config.ENC_ATTN_BACKEND,
+            **layer_sizes,
+        )
+        decoder = DeformableDecoder(
+            num_layers=config.DEC_LAYERS,
+            n_points=config.DEC_N_POINTS,
+            attn_backend=config.DEC_ATTN_BACKEND,
+            **layer_sizes,
+        )
+        transformer = DeformableTransformer(
+            encoder=encoder,
+            decoder=decoder,
+            d_model=d_model,
+            num_levels=num_levels,
+            two_stage=config.TWO_STAGE,
+            two_stage_num_proposals=config.NUM_QUERIES,
+        )
+        criterion = SetCriterion(
+            num_classes=config.NUM_CLASSES,
+            matcher=HungarianMatcher(
+                cost_class=config.COST_CLASS,
+                cost_bbox=config.COST_BBOX,
+                cost_giou=config.COST_GIOU,
+                focal_alpha=config.FOCAL_ALPHA,
+                focal_gamma=config.FOCAL_GAMMA,
+            ),
+            weight_dict={
+                "loss_class": config.CLASS_WEIGHT,
+                "loss_bbox": config.BBOX_WEIGHT,
+                "loss_giou": config.GIOU_WEIGHT,
+            },
+            focal_alpha=config.FOCAL_ALPHA,
+            focal_gamma=config.FOCAL_GAMMA,
+        )
+        return {
+            "backbone": backbone,
+            "position_embedding": position_embedding,
+            "transformer": transformer,
+            "criterion": criterion,
+            "num_classes": config.NUM_CLASSES,
+            "num_queries": config.NUM_QUERIES,
+            "with_box_refine": config.WITH_BOX_REFINE,
+            "two_stage": config.TWO_STAGE,
+            "proposal_num_classes": config.PROPOSAL_NUM_CLASSES or config.NUM_CLASSES,
+            "aux_loss": config.AUX_LOSS,
+            "pixel_mean": tuple(cfg.MODEL.PIXEL_MEAN),
+            "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
+            "input_format": cfg.INPUT.FORMAT,
+            "select_topk": config.SELECT_TOPK,
+        }
 
     @property
     def device(self) -> torch.device:

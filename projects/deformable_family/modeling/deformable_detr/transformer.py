@@ -4,6 +4,7 @@ The prediction heads are NOT owned here: they live in the meta-architecture and 
 :meth:`DeformableTransformer.forward` as call arguments, so each head has exactly one state-dict key.
 """
 
+import copy
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -31,8 +32,10 @@ def flatten_levels(
         features (B, S, C), masks (B, S), pos_embeds (B, S, C), spatial_shapes (L, 2) int64 (H_l, W_l),
         level_start_index (L,) int64; S = sum of H_l * W_l.
     """
-    spatial_shapes = torch.as_tensor(
-        [tuple(f.shape[-2:]) for f in features], dtype=torch.long, device=features[0].device
+    # Built on the host, then copied without blocking: torch.as_tensor(..., device="cuda") would
+    # wait for the GPU queue to drain (a blocking host-to-device copy synchronises the stream).
+    spatial_shapes = torch.as_tensor([tuple(f.shape[-2:]) for f in features], dtype=torch.long).to(
+        features[0].device, non_blocking=True
     )
     level_start_index = torch.cat(
         (
@@ -44,6 +47,17 @@ def flatten_levels(
     flat_masks = torch.cat([m.flatten(1) for m in masks], 1)
     flat_pos = torch.cat([p.flatten(2).transpose(1, 2) for p in pos_embeds], 1)
     return flat_features, flat_masks, flat_pos, spatial_shapes, level_start_index
+
+
+def level_sizes(
+    spatial_shapes: torch.Tensor, spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None
+) -> List[Tuple[int, int]]:
+    """The (H_l, W_l) of each level as Python ints: spatial_shapes_list when the caller has it (read
+    off the feature maps' shapes, no device access), else read from the tensor (for a GPU tensor a
+    device-to-host copy, which synchronises and cannot be captured in a CUDA graph)."""
+    if spatial_shapes_list is not None:
+        return [(height, width) for height, width in spatial_shapes_list]
+    return [(height, width) for height, width in spatial_shapes.tolist()]
 
 
 def valid_ratios_of(mask: torch.Tensor) -> torch.Tensor:
@@ -58,7 +72,9 @@ def valid_ratios_of(mask: torch.Tensor) -> torch.Tensor:
 
 
 def encoder_reference_points(
-    spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor
+    spatial_shapes: torch.Tensor,
+    valid_ratios: torch.Tensor,
+    spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None,
 ) -> torch.Tensor:
     """Reference points of the encoder queries: each pixel centre, normalised by the valid extent of
     its level, then re-expressed on every level (multiplied by that level's valid ratio).
@@ -66,12 +82,13 @@ def encoder_reference_points(
     Args:
         spatial_shapes: (L, 2) int64 (H_l, W_l).
         valid_ratios: (B, L, 2) valid fraction of (width, height) per level.
+        spatial_shapes_list: the same sizes as Python ints, if known (see :func:`level_sizes`).
 
     Returns:
         (B, S, L, 2) normalised (x, y) of each of the S pixels on each level.
     """
     points = []
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(level_sizes(spatial_shapes, spatial_shapes_list)):
         ref_y, ref_x = torch.meshgrid(
             torch.linspace(
                 0.5, height - 0.5, height, dtype=torch.float32, device=valid_ratios.device
@@ -89,7 +106,10 @@ def encoder_reference_points(
 
 
 def encoder_proposals(
-    memory_padding_mask: torch.Tensor, spatial_shapes: torch.Tensor, base_size: float = 0.05
+    memory_padding_mask: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    base_size: float = 0.05,
+    spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Two-stage proposals: one box per encoder pixel, (cx, cy, s, s) with s = base_size * 2^l.
 
@@ -97,6 +117,7 @@ def encoder_proposals(
         memory_padding_mask: (B, S) bool, True on padding.
         spatial_shapes: (L, 2) int64 (H_l, W_l).
         base_size: box side on the first level, normalised.
+        spatial_shapes_list: the same sizes as Python ints, if known (see :func:`level_sizes`).
 
     Returns:
         proposals (B, S, 4) in inverse-sigmoid space, +inf where padded or outside (0.01, 0.99);
@@ -105,7 +126,7 @@ def encoder_proposals(
     batch = memory_padding_mask.shape[0]
     proposals = []
     start = 0
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(level_sizes(spatial_shapes, spatial_shapes_list)):
         mask = memory_padding_mask[:, start : start + height * width].view(batch, height, width)
         valid_height = (~mask[:, :, 0]).sum(1)
         valid_width = (~mask[:, 0, :]).sum(1)
@@ -148,7 +169,10 @@ def refine_boxes(box_delta: torch.Tensor, reference: torch.Tensor) -> torch.Tens
 
 
 class DeformableEncoderLayer(nn.Module):
-    """Deformable self-attention -> add & norm -> FFN -> add & norm (post-norm)."""
+    """Deformable self-attention -> add & norm -> FFN -> add & norm (post-norm).
+
+    ``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton".
+    """
 
     def __init__(
         self,
@@ -158,9 +182,10 @@ class DeformableEncoderLayer(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        attn_backend: str = "extension",
     ):
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_backend)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
@@ -177,10 +202,18 @@ class DeformableEncoderLayer(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         padding_mask: torch.Tensor,
+        spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None,
     ) -> torch.Tensor:
-        """src, pos: (B, S, d); reference_points: (B, S, L, 2); padding_mask: (B, S) -> (B, S, d)."""
+        """src, pos: (B, S, d); reference_points: (B, S, L, 2); padding_mask: (B, S) -> (B, S, d).
+        spatial_shapes_list: the level sizes as Python ints, if known (see MSDeformAttn)."""
         attended = self.self_attn(
-            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
+            src + pos,
+            reference_points,
+            src,
+            spatial_shapes,
+            level_start_index,
+            padding_mask,
+            spatial_shapes_list=spatial_shapes_list,
         )
         src = self.norm1(src + self.dropout1(attended))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
@@ -188,7 +221,10 @@ class DeformableEncoderLayer(nn.Module):
 
 
 class DeformableEncoder(nn.Module):
-    """A stack of :class:`DeformableEncoderLayer` over the flattened multi-scale maps."""
+    """A stack of :class:`DeformableEncoderLayer` over the flattened multi-scale maps.
+
+    ``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton".
+    """
 
     def __init__(
         self,
@@ -199,10 +235,13 @@ class DeformableEncoder(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        attn_backend: str = "extension",
     ):
         super().__init__()
         self.layers = nn.ModuleList(
-            DeformableEncoderLayer(d_model, d_ffn, dropout, n_levels, n_heads, n_points)
+            DeformableEncoderLayer(
+                d_model, d_ffn, dropout, n_levels, n_heads, n_points, attn_backend
+            )
             for _ in range(num_layers)
         )
 
@@ -214,16 +253,35 @@ class DeformableEncoder(nn.Module):
         level_start_index: torch.Tensor,
         valid_ratios: torch.Tensor,
         padding_mask: torch.Tensor,
+        spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None,
     ) -> torch.Tensor:
-        """src, pos: (B, S, d); valid_ratios: (B, L, 2); padding_mask: (B, S) -> memory (B, S, d)."""
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        """src, pos: (B, S, d); valid_ratios: (B, L, 2); padding_mask: (B, S) -> memory (B, S, d).
+        spatial_shapes_list: the level sizes as Python ints, if known (then no tensor is read on the
+        host; see :func:`level_sizes`)."""
+        spatial_shapes_list = level_sizes(spatial_shapes, spatial_shapes_list)
+        reference_points = encoder_reference_points(
+            spatial_shapes, valid_ratios, spatial_shapes_list
+        )
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            src = layer(
+                src,
+                pos,
+                reference_points,
+                spatial_shapes,
+                level_start_index,
+                padding_mask,
+                spatial_shapes_list=spatial_shapes_list,
+            )
         return src
 
 
 class DeformableDecoderLayer(nn.Module):
-    """Self-attention -> add & norm -> deformable cross-attention -> add & norm -> FFN -> add & norm."""
+    """Self-attention -> add & norm -> deformable cross-attention -> add & norm -> FFN -> add & norm.
+
+    ``post_cross_attn``, when given, runs between the cross-attention's add & norm and the FFN as
+    ``query = post_cross_attn(query, reference_points)`` (DSCT's SSRA on its subject tokens).
+    ``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton".
+    """
 
     def __init__(
         self,
@@ -233,12 +291,14 @@ class DeformableDecoderLayer(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        post_cross_attn: Optional[nn.Module] = None,
+        attn_backend: str = "extension",
     ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout)
         self.self_attn_dropout = nn.Dropout(dropout)
         self.self_attn_norm = nn.LayerNorm(d_model)
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_backend)
         self.cross_attn_dropout = nn.Dropout(dropout)
         self.cross_attn_norm = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
@@ -246,6 +306,7 @@ class DeformableDecoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.ffn_dropout2 = nn.Dropout(dropout)
         self.ffn_norm = nn.LayerNorm(d_model)
+        self.post_cross_attn = post_cross_attn
 
     def forward(
         self,
@@ -256,12 +317,14 @@ class DeformableDecoderLayer(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         memory_padding_mask: torch.Tensor,
+        spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None,
     ) -> torch.Tensor:
         """
         Args:
             query, query_pos: (B, Q, d) content and positional parts of the queries.
             reference_points: (B, Q, L, 2) points or (B, Q, L, 4) boxes, per level.
             memory: (B, S, d) encoder output; memory_padding_mask: (B, S) True on padding.
+            spatial_shapes_list: the level sizes as Python ints, if known (see MSDeformAttn).
 
         Returns:
             (B, Q, d).
@@ -277,15 +340,23 @@ class DeformableDecoderLayer(nn.Module):
             spatial_shapes,
             level_start_index,
             memory_padding_mask,
+            spatial_shapes_list=spatial_shapes_list,
         )
         query = self.cross_attn_norm(query + self.cross_attn_dropout(attended))
+        if self.post_cross_attn is not None:
+            query = self.post_cross_attn(query, reference_points)
         ffn = self.linear2(self.ffn_dropout1(F.relu(self.linear1(query))))
         return self.ffn_norm(query + self.ffn_dropout2(ffn))
 
 
 class DeformableDecoder(nn.Module):
     """A stack of :class:`DeformableDecoderLayer`; with box heads given, each layer refines the
-    reference boxes of the next (iterative bounding-box refinement, appendix A.4)."""
+    reference boxes of the next (iterative bounding-box refinement, appendix A.4).
+
+    ``post_cross_attn``: a module each layer runs between cross-attention and FFN (a deep copy per
+    layer, see :class:`DeformableDecoderLayer`); None for Deformable DETR.
+    ``attn_backend``: the :class:`MSDeformAttn` implementation, "extension" or "triton".
+    """
 
     def __init__(
         self,
@@ -296,11 +367,22 @@ class DeformableDecoder(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        post_cross_attn: Optional[nn.Module] = None,
+        attn_backend: str = "extension",
     ):
         super().__init__()
         self.num_layers = num_layers
         self.layers = nn.ModuleList(
-            DeformableDecoderLayer(d_model, d_ffn, dropout, n_levels, n_heads, n_points)
+            DeformableDecoderLayer(
+                d_model,
+                d_ffn,
+                dropout,
+                n_levels,
+                n_heads,
+                n_points,
+                copy.deepcopy(post_cross_attn),
+                attn_backend,
+            )
             for _ in range(num_layers)
         )
 
@@ -315,6 +397,7 @@ class DeformableDecoder(nn.Module):
         valid_ratios: torch.Tensor,
         memory_padding_mask: torch.Tensor,
         box_heads: Optional[Sequence[nn.Module]] = None,
+        spatial_shapes_list: Optional[Sequence[Sequence[int]]] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """
         Args:
@@ -323,6 +406,7 @@ class DeformableDecoder(nn.Module):
                 the unpadded image.
             memory: (B, S, d); valid_ratios: (B, L, 2); memory_padding_mask: (B, S).
             box_heads: one box head per layer for iterative refinement, or None (references fixed).
+            spatial_shapes_list: the level sizes as Python ints, if known (see MSDeformAttn).
 
         Returns:
             hidden states (D, B, Q, d) and the D references the layers used, each (B, Q, 2) or
@@ -348,6 +432,7 @@ class DeformableDecoder(nn.Module):
                 spatial_shapes,
                 level_start_index,
                 memory_padding_mask,
+                spatial_shapes_list=spatial_shapes_list,
             )
             hidden_states.append(query)
             references.append(reference_points)
@@ -440,15 +525,31 @@ class DeformableTransformer(nn.Module):
         src, mask, pos, spatial_shapes, level_start_index = flatten_levels(
             features, masks, pos_embeds
         )
+        # The level sizes as Python ints, from the maps' shapes: every layer gets them, so no level
+        # tensor is read back from the GPU (no synchronisation per layer, CUDA-graph capturable).
+        # Not under torch.jit.trace (fvcore's flop counter), where shapes are traced as tensors.
+        spatial_shapes_list = (
+            None if torch.jit.is_tracing() else [tuple(f.shape[-2:]) for f in features]
+        )
         valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1)
-        memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, mask)
+        memory = self.encoder(
+            src,
+            pos,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            mask,
+            spatial_shapes_list=spatial_shapes_list,
+        )
 
         outputs: Dict[str, object] = {}
         batch = memory.shape[0]
         if self.two_stage:
             if proposal_class_head is None or proposal_box_head is None:
                 raise ValueError("two_stage needs proposal_class_head and proposal_box_head")
-            proposals, valid = encoder_proposals(mask, spatial_shapes)
+            proposals, valid = encoder_proposals(
+                mask, spatial_shapes, spatial_shapes_list=spatial_shapes_list
+            )
             enc_memory = memory.masked_fill(mask.unsqueeze(-1), 0.0).masked_fill(~valid, 0.0)
             enc_memory = self.enc_output_norm(self.enc_output(enc_memory))
             enc_logits = proposal_class_head(enc_memory)
@@ -473,7 +574,13 @@ class DeformableTransformer(nn.Module):
             query_pos, query = torch.split(query_embed, self.d_model, dim=1)
             query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
             query = query.unsqueeze(0).expand(batch, -1, -1)
-            reference_points = self.reference_points(query_pos).sigmoid()
+            # The sigmoid in float32 even under autocast: a 16-bit reference point near 1.0 would
+            # be off by about half a pixel on a 134-pixel-wide level (rounding the logit costs far
+            # less).
+            logits = self.reference_points(query_pos)
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            reference_points = logits.sigmoid()
 
         hidden_states, references = self.decoder(
             query,
@@ -485,6 +592,7 @@ class DeformableTransformer(nn.Module):
             valid_ratios,
             mask,
             box_heads=box_heads,
+            spatial_shapes_list=spatial_shapes_list,
         )
         outputs["hidden_states"] = hidden_states
         outputs["references"] = references
