@@ -29,7 +29,7 @@ model = L(SMCADETR)(
         neck_init="default",  # ... with PyTorch's default initialisation
     ),
     position_embedding=L(PositionEmbeddingSine)(
-        num_pos_feats=128,  # d_model / 2 per axis; change with transformer.d_model
+        num_channels="${..transformer.d_model}",  # d_model / 2 sine features per axis
         temperature=10000,
         normalize=True,
         offset=0.0,  # DETR's normalisation: cumsum / extent, no -0.5 shift
