@@ -1,6 +1,6 @@
-"""train_net.py end to end with the real SMCADETR (a tiny variant of the SMCA quickstart config) on a
-tiny shapes split: train -> checkpoint -> evaluate, then --eval-only from the checkpoint gives the
-same COCO figures."""
+"""train_net.py end to end with the real SMCADETR (a tiny variant of the SMCA quickstart config)
+on a tiny shapes split: train -> checkpoint -> evaluate, then --eval-only from the checkpoint gives
+the same detections."""
 
 import json
 import os

@@ -35,9 +35,9 @@ def sine_embedding(
 class PositionEmbeddingSine(nn.Module):
     """Normalised sine encoding of pixel positions, computed on the unpadded part of each image.
 
-    Along each axis the position is ``(cumsum(valid) + offset) / (valid_extent + eps) * scale``, so
-    the valid pixels of every image span (0, scale] whatever the padding; y features come first, then
-    x. ``offset`` is -0.5 in Deformable DETR (the pixel centre) and 0 in DETR and SMCA-DETR.
+    Along each axis the position is ``(cumsum(valid) + offset) / (valid_extent + eps) * scale``,
+    so the valid pixels of every image span (0, scale] whatever the padding; y features come first,
+    then x. ``offset`` is -0.5 in Deformable DETR (the pixel centre) and 0 in DETR and SMCA-DETR.
     """
 
     def __init__(
