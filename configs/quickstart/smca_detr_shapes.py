@@ -30,8 +30,8 @@ dataloader.train.total_batch_size = 4
 shrink_for_cpu(model)
 # A sharper Gaussian prior than the COCO recipe's (beta = 8 on a stride-32 map): on 100-200 px
 # images the maps have only 4-26 cells per side, where beta = 8 gives a prior of -0.5 two cells
-# away, hardly a prior at all. beta = 1 with distances in cells of a stride-16 map (so the stride-8 map's
-# squared distances count 1/2, the stride-32 map's 2) makes it -4 there.
+# away, hardly a prior at all. beta = 1 with distances in cells of a stride-16 map (so the stride-8
+# map's squared distances count 1/2, the stride-32 map's 2) makes it -4 there.
 model.transformer.decoder.smooth = 1.0
 model.transformer.decoder.reference_stride = 16.0
 model.num_classes = 5
