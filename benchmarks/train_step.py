@@ -42,7 +42,8 @@ Setting up the other implementations (neither is a dependency of this project):
   (``models/ops/functions/ms_deform_attn_func.py: ms_deform_attn_core_pytorch``) in its place, and
   builds their ResNet-50 without ImageNet weights.
 
-An implementation that is not installed is skipped with a note in the report.
+An implementation that is not installed is skipped with a note in the report. The three models at
+512x683 hold about 6 GB of resident memory in the timing process.
 
     python benchmarks/train_step.py --quick --output /tmp/train_step.md      # 512x683 b1, minutes
     python benchmarks/train_step.py                                          # + 800x1067 b2
@@ -50,6 +51,7 @@ An implementation that is not installed is skipped with a note in the report.
 """
 import argparse
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -539,14 +541,15 @@ def main(argv=None) -> None:
         for mode in ("train_step", "inference"):
             print(f"{case}: timing {mode} ...", file=sys.stderr)
             results[mode] = time_interleaved(runners, mode, args.warmup, args.repeats, device)
+        if profile_text is None and not args.no_profile:
+            profile_text = (case, profile_table(runners[0]))
+        del runners  # freed before the memory subprocesses run
+        gc.collect()
         memory = {}
         if not args.no_memory:
             for name in names:
                 for mode in ("train_step", "inference"):
                     memory[name, mode] = measure_memory(name, mode, case, args)
-        if profile_text is None and not args.no_profile:
-            profile_text = (case, profile_table(runners[0]))
-        del runners
         base = {mode: statistics.median(results[mode][names[0]]) for mode in results}
         lines += [
             f"## {height}x{width}, batch {batch}",
