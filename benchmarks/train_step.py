@@ -17,8 +17,8 @@ ONE process, interleaved (A B C A B C ...), so that a busy machine slows all of 
 ratios (time of X / time of the project) are the figures to read, not the absolute times.
 
 Peak memory ("peak RSS growth") is measured in a fresh subprocess per implementation and mode: the
-growth of the process's resident-set high-water mark (``resource.getrusage(...).ru_maxrss``) from
-after the model and inputs are built to after ``--memory-steps`` steps. For the train step it counts
+resident-set high-water mark over ``--memory-steps`` steps (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs`` once the model and inputs are built) minus the resident set at that point. For the train step it counts
 activations, gradients, AdamW's two moments and whatever the allocator keeps; for inference the
 activations. (tracemalloc does not see torch's allocations; on CUDA, torch.cuda.max_memory_allocated
 minus the memory after building is reported instead.)
@@ -389,6 +389,33 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> int:
+    """Reset the RSS high-water mark (Linux: "5" > /proc/self/clear_refs) and return the RSS now.
+    Without a reset, the mark set while building (shared libraries fully resident) can hide the
+    steps' peak when memory pressure evicts library pages; then ru_maxrss is used as is."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return max_rss_bytes()
+
+
+def peak_rss() -> int:
+    try:
+        return _status_bytes("VmHWM")
+    except (OSError, KeyError):
+        return max_rss_bytes()
+
+
 def memory_child(args) -> None:
     """In a fresh process: peak memory growth of ``--memory-steps`` runs of one mode."""
     device = torch.device(args.device)
@@ -400,11 +427,11 @@ def memory_child(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before = max_rss_bytes()
+        before = reset_peak_rss()
     for _ in range(args.memory_steps):
         getattr(runner, args.memory_child)()
     synchronize(device)
-    after = torch.cuda.max_memory_allocated() if device.type == "cuda" else max_rss_bytes()
+    after = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss()
     print(json.dumps({"peak_bytes": after - before}))
 
 
