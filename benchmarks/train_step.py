@@ -18,9 +18,9 @@ ratios (time of X / time of the project) are the figures to read, not the absolu
 
 Peak memory ("peak RSS growth") is measured in a fresh subprocess per implementation and mode: the
 resident-set high-water mark over ``--memory-steps`` steps (Linux ``VmHWM``, reset through
-``/proc/self/clear_refs`` once the model and inputs are built) minus the resident set at that point. For the train step it counts
-activations, gradients, AdamW's two moments and whatever the allocator keeps; for inference the
-activations. (tracemalloc does not see torch's allocations; on CUDA, torch.cuda.max_memory_allocated
+``/proc/self/clear_refs`` once the model and inputs are built) minus the resident set at that
+point. For the train step it counts activations, gradients, AdamW's two moments and whatever the
+allocator keeps; for inference the activations. (tracemalloc does not see torch's allocations; on CUDA, torch.cuda.max_memory_allocated
 minus the memory after building is reported instead.)
 
 A torch.profiler table of the project's train step (ops by self CPU time) closes the report.
@@ -49,6 +49,7 @@ An implementation that is not installed is skipped with a note in the report. Th
     python benchmarks/train_step.py                                          # + 800x1067 b2
     python benchmarks/train_step.py --quick --implementations project,project+bf16,transformers
 """
+
 import argparse
 import contextlib
 import gc
@@ -180,7 +181,12 @@ def build_project(name: str, images, targets, device: torch.device) -> Runner:
             model(batched_inputs)
 
     runner = Runner()
-    runner.name, runner.model, runner.train_step, runner.inference = name, model, train_step, inference
+    runner.name, runner.model, runner.train_step, runner.inference = (
+        name,
+        model,
+        train_step,
+        inference,
+    )
     return runner
 
 
@@ -227,7 +233,9 @@ def build_transformers(name: str, images, targets, device: torch.device, args) -
     batch, _, height, width = images.shape
     pixel_values = images.to(device)
     pixel_mask = torch.ones(batch, height, width, dtype=torch.long, device=device)
-    labels = [{"class_labels": t["labels"].to(device), "boxes": t["boxes"].to(device)} for t in targets]
+    labels = [
+        {"class_labels": t["labels"].to(device), "boxes": t["boxes"].to(device)} for t in targets
+    ]
     sizes = torch.tensor([[height, width]] * batch, device=device)
     optimizer = torch.optim.AdamW(trainable(model), lr=2e-4, weight_decay=1e-4)
 
@@ -240,10 +248,17 @@ def build_transformers(name: str, images, targets, device: torch.device, args) -
         model.eval()
         with torch.no_grad():
             outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask)
-            processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes, top_k=100)
+            processor.post_process_object_detection(
+                outputs, threshold=0.0, target_sizes=sizes, top_k=100
+            )
 
     runner = Runner()
-    runner.name, runner.model, runner.train_step, runner.inference = name, model, train_step, inference
+    runner.name, runner.model, runner.train_step, runner.inference = (
+        name,
+        model,
+        train_step,
+        inference,
+    )
     runner.version = transformers.__version__
     return runner
 
@@ -268,7 +283,9 @@ def import_authors(args):
     if path not in sys.path:
         sys.path.insert(0, path)
     # Their ops package imports the compiled extension at import time; it is never called here.
-    sys.modules.setdefault("MultiScaleDeformableAttention", types.ModuleType("MultiScaleDeformableAttention"))
+    sys.modules.setdefault(
+        "MultiScaleDeformableAttention", types.ModuleType("MultiScaleDeformableAttention")
+    )
     import torchvision
 
     # util/misc.py compares float(torchvision.__version__[:3]) with 0.5 / 0.7, which misreads 0.29.
@@ -285,8 +302,17 @@ def import_authors(args):
 
     class PyTorchCore:
         @staticmethod
-        def apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step):
-            return ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+        def apply(
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            im2col_step,
+        ):
+            return ms_deform_attn_core_pytorch(
+                value, spatial_shapes, sampling_locations, attention_weights
+            )
 
     attention_module.MSDeformAttnFunction = PyTorchCore
     # resnet50(pretrained=is_main_process()) would download ImageNet weights.
@@ -308,7 +334,9 @@ def build_authors(name: str, images, targets, device: torch.device, args) -> Run
     model.to(device).train()
     criterion.to(device)
     batch, _, height, width = images.shape
-    samples = NestedTensor(images.to(device), torch.zeros(batch, height, width, dtype=torch.bool, device=device))
+    samples = NestedTensor(
+        images.to(device), torch.zeros(batch, height, width, dtype=torch.bool, device=device)
+    )
     device_targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     sizes = torch.tensor([[height, width]] * batch, device=device)
     optimizer = torch.optim.AdamW(trainable(model), lr=2e-4, weight_decay=1e-4)
@@ -328,7 +356,12 @@ def build_authors(name: str, images, targets, device: torch.device, args) -> Run
             postprocessors["bbox"](model(samples), sizes)
 
     runner = Runner()
-    runner.name, runner.model, runner.train_step, runner.inference = name, model, train_step, inference
+    runner.name, runner.model, runner.train_step, runner.inference = (
+        name,
+        model,
+        train_step,
+        inference,
+    )
     return runner
 
 
@@ -339,7 +372,9 @@ def build(name: str, images, targets, device: torch.device, args) -> Runner:
         return build_transformers(name, images, targets, device, args)
     if name == "authors":
         return build_authors(name, images, targets, device, args)
-    raise ValueError(f"unknown implementation {name!r}: project[+{'|+'.join(PROJECT_OPTIONS)}], transformers, authors")
+    raise ValueError(
+        f"unknown implementation {name!r}: project[+{'|+'.join(PROJECT_OPTIONS)}], transformers, authors"
+    )
 
 
 def available(name: str, args) -> Optional[str]:
@@ -367,7 +402,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(runners: List[Runner], mode: str, warmup: int, repeats: int, device) -> Dict[str, List[float]]:
+def time_interleaved(
+    runners: List[Runner], mode: str, warmup: int, repeats: int, device
+) -> Dict[str, List[float]]:
     """Seconds per run of each runner's ``mode`` ("train_step" or "inference"), runners interleaved."""
     for _ in range(warmup):
         for runner in runners:
@@ -467,7 +504,9 @@ def measure_memory(name: str, mode: str, case: str, args) -> Optional[float]:
 def profile_table(runner: Runner, rows: int = 20) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    )
     with profile(activities=activities) as prof:
         runner.train_step()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
@@ -490,26 +529,49 @@ def machine_description(device: torch.device) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="512x683 batch 1 only, 2 warm-up + 5 timed runs")
-    parser.add_argument("--cases", type=lambda s: s.split(","), default=None, help="HxWxB,... (default: 512x683x1,800x1067x2)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="512x683 batch 1 only, 2 warm-up + 5 timed runs"
+    )
+    parser.add_argument(
+        "--cases",
+        type=lambda s: s.split(","),
+        default=None,
+        help="HxWxB,... (default: 512x683x1,800x1067x2)",
+    )
     parser.add_argument(
         "--implementations",
         type=lambda s: s.split(","),
         default=["project", "transformers", "authors"],
-        help="project (variants: project+bf16, project+compile, project+channels_last), transformers, authors",
+        help="project (variants: project+OPTION for OPTION in "
+        + ", ".join(PROJECT_OPTIONS)
+        + "), transformers, authors",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--memory-steps", type=int, default=2)
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--no-profile", action="store_true", help="skip the profile of the project's step")
-    parser.add_argument("--transformers-path", default=None, help="folder with transformers (pip --target)")
-    parser.add_argument("--authors-code", default=None, help="folder of the authors' Deformable-DETR clone")
-    parser.add_argument("--output", default=None, help="markdown report (default benchmarks/results/train_step.md)")
-    parser.add_argument("--memory-child", choices=["train_step", "inference"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the peak-memory subprocesses"
+    )
+    parser.add_argument(
+        "--no-profile", action="store_true", help="skip the profile of the project's step"
+    )
+    parser.add_argument(
+        "--transformers-path", default=None, help="folder with transformers (pip --target)"
+    )
+    parser.add_argument(
+        "--authors-code", default=None, help="folder of the authors' Deformable-DETR clone"
+    )
+    parser.add_argument(
+        "--output", default=None, help="markdown report (default benchmarks/results/train_step.md)"
+    )
+    parser.add_argument(
+        "--memory-child", choices=["train_step", "inference"], default=None, help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.cases is None:
         args.cases = DEFAULT_CASES[:1] if args.quick else DEFAULT_CASES
@@ -523,7 +585,9 @@ def main(argv=None) -> None:
         return
 
     device = torch.device(args.device)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT)] + sys.argv[1:])
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT)] + sys.argv[1:]
+    )
     load_before = os.getloadavg()
     started = time.time()
     names, skipped = [], {}
@@ -562,7 +626,10 @@ def main(argv=None) -> None:
             torch.manual_seed(0)
             runners.append(build(name, images, targets, device, args))
         for runner in runners:
-            if getattr(runner, "version", None):
+            if (
+                getattr(runner, "version", None)
+                and runner.version not in IMPLEMENTATION_NOTES[runner.name]
+            ):
                 IMPLEMENTATION_NOTES[runner.name] += f" {runner.version}"
         results = {}
         for mode in ("train_step", "inference"):
@@ -596,13 +663,21 @@ def main(argv=None) -> None:
         lines.append("")
         lines.append(
             "All runs (s): "
-            + json.dumps({mode: {n: [round(t, 3) for t in ts] for n, ts in r.items()} for mode, r in results.items()})
+            + json.dumps(
+                {
+                    mode: {n: [round(t, 3) for t in ts] for n, ts in r.items()}
+                    for mode, r in results.items()
+                }
+            )
         )
         lines.append("")
     notes = []
     for name in names:
         base_name, _, options = name.partition("+")
-        notes.append(f"- `{name}`: {IMPLEMENTATION_NOTES[base_name]}" + (f", with {options}" if options else ""))
+        notes.append(
+            f"- `{name}`: {IMPLEMENTATION_NOTES[base_name]}"
+            + (f", with {options}" if options else "")
+        )
     notes += [f"- `{name}`: skipped, {why}" for name, why in skipped.items()] + [""]
     lines[notes_at:notes_at] = notes
     load_after = os.getloadavg()
@@ -612,7 +687,14 @@ def main(argv=None) -> None:
     )
     lines.append("")
     if profile_text is not None:
-        lines += [f"## Profile of one `{names[0]}` train step ({profile_text[0]})", "", "```", profile_text[1], "```", ""]
+        lines += [
+            f"## Profile of one `{names[0]}` train step ({profile_text[0]})",
+            "",
+            "```",
+            profile_text[1],
+            "```",
+            "",
+        ]
     report = "\n".join(lines)
     print(report)
     output = args.output or os.path.join(REPO_ROOT, "benchmarks", "results", "train_step.md")

@@ -1,4 +1,5 @@
 """The cheaper CPU dropout is dropout: keep rate, scaling, independence, gradient, eval identity."""
+
 import math
 
 import pytest
@@ -25,7 +26,7 @@ def test_keep_rate_and_scale(p):
 
 
 def test_mask_elements_independent():
-    # Neighbouring elements (which share one 64-bit draw) are not correlated: P(both kept) = (1-p)^2.
+    # Neighbours (which share one 64-bit draw) are not correlated: P(both kept) = (1 - p)^2.
     torch.manual_seed(1)
     kept = dropout_mask((400_000,), 0.5) != 0
     pairs = (kept[:-1] & kept[1:]).float().mean().item()

@@ -1,5 +1,6 @@
 """train_net.py's speed options: train.compile (torch.compile of named submodules, in place) and
 train.amp on the CPU (bfloat16 autocast trainer)."""
+
 import os
 import sys
 
@@ -10,7 +11,18 @@ from torch import nn
 from deformable_family.engine import DetrCPUAutocastTrainer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_train_net import _args, _recording_build_trainer, dataset, train_net  # noqa: E402,F401
+from test_train_net import _args, _recording_build_trainer, train_net  # noqa: E402
+
+from deformable_family.data import register_shapes  # noqa: E402
+
+PREFIX = "shapes_speedtest"  # test_train_net's fixture registers its own prefix
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data") / "shapes_v1")
+    register_shapes(PREFIX, root=root, num_images={"train": 4, "val": 2}, seed=0)
+    return root
 
 
 class _Model(nn.Module):
@@ -41,7 +53,13 @@ def test_cpu_amp_config_reaches_the_trainer(dataset, tmp_path, monkeypatch):
     trainers = []
     monkeypatch.setattr(train_net, "build_trainer", _recording_build_trainer(trainers))
     monkeypatch.setattr(train_net, "inference_on_dataset", lambda *args: {})
-    opts = ["train.max_iter=2", "train.device=cpu", "train.amp.enabled=True"]
+    opts = [
+        f"dataloader.train.dataset.names={PREFIX}_train",
+        f"dataloader.test.dataset.names={PREFIX}_val",
+        "train.max_iter=2",
+        "train.device=cpu",
+        "train.amp.enabled=True",
+    ]
     train_net.main(_args(str(tmp_path / "bf16"), opts=opts))
     assert isinstance(trainers[-1], DetrCPUAutocastTrainer)
     assert trainers[-1].iter == 2
