@@ -16,6 +16,8 @@ processes).
 import logging
 from typing import Any, Dict, Optional
 
+import torch
+
 # Before detectron2: importing deformable_family first silences fvcore's import-time FutureWarning.
 import deformable_family.model_zoo
 from detectron2.config import LazyConfig, instantiate
@@ -45,6 +47,22 @@ def _ddp_options(cfg) -> Dict[str, Any]:
     return options
 
 
+def compile_modules(model, cfg) -> None:
+    """With ``train.compile.enabled``: ``torch.compile`` each submodule named in
+    ``train.compile.modules`` (default the transformer), in place, so state-dict keys and
+    checkpoints are unchanged. The first steps (and each new input size, until shapes are marked
+    dynamic) pay the compilation; on the CPU it needs a C++ compiler."""
+    options = cfg.train.get("compile", {"enabled": False})
+    if not options["enabled"]:
+        return
+    for name in options.get("modules", ["transformer"]):
+        module = getattr(model, name, None)
+        if not isinstance(module, torch.nn.Module):
+            raise ValueError(f"train.compile.modules: the model has no submodule {name!r}")
+        logger.info(f"torch.compile of model.{name}")
+        module.compile()
+
+
 def do_test(cfg, model, ema: Optional[EMAHook] = None) -> Dict[str, Any]:
     """Evaluate ``model`` (or the EMA of its weights) on ``cfg.dataloader.test``."""
     if "evaluator" not in cfg.dataloader:
@@ -66,6 +84,7 @@ def do_train(args, cfg) -> None:
     model = instantiate(cfg.model)
     logger.info(f"Model:\n{model}")
     model.to(cfg.train.device)
+    compile_modules(model, cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
@@ -79,6 +98,8 @@ def do_train(args, cfg) -> None:
         amp=cfg.train.amp.enabled,
         clip_grad_max_norm=clip["max_norm"] if clip["enabled"] else None,
         clip_grad_norm_type=clip.get("norm_type", 2.0),
+        device=cfg.train.device,
+        amp_dtype=cfg.train.amp.get("dtype", "bfloat16"),
     )
     checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     ema_cfg = cfg.train.get("ema", {"enabled": False})

@@ -6,7 +6,11 @@ train = dict(
     output_dir="./output",
     init_checkpoint="",
     max_iter=184824,
-    amp=dict(enabled=False),  # AMPTrainer; only on CUDA
+    # Mixed precision. CUDA: detectron2's AMPTrainer (float16 + GradScaler; dtype not used). CPU:
+    # autocast to dtype ("bfloat16" only), weights and optimizer state stay float32.
+    amp=dict(enabled=False, dtype="bfloat16"),
+    # torch.compile of the named submodules, in place (checkpoints unchanged); off by default.
+    compile=dict(enabled=False, modules=["transformer"]),
     ddp=dict(  # options for DistributedDataParallel
         broadcast_buffers=False,
         find_unused_parameters=False,

@@ -52,3 +52,18 @@ def test_sine_embedding_layout_and_errors():
         sine_embedding(coords, 3)
     with pytest.raises(TypeError, match="mask"):
         PositionEmbeddingSine()(torch.zeros(1, 2, 2))
+
+
+def test_offset_zero_is_detr_normalisation():
+    """offset=0.0 (DETR, SMCA-DETR): position cumsum / (extent + eps) * 2 pi, so the last valid pixel
+    sits at 2 pi; the default -0.5 (Deformable DETR) centres each pixel."""
+    mask = torch.zeros(1, 2, 4, dtype=torch.bool)
+    mask[:, :, 3] = True  # 3 valid columns
+    detr = PositionEmbeddingSine(num_pos_feats=2, temperature=10000.0, offset=0.0)(mask)
+    deformable = PositionEmbeddingSine(num_pos_feats=2, temperature=10000.0)(mask)
+    # Channel 2 is sin(x) of the x features (y features come first).
+    for column in range(3):
+        x_detr = (column + 1) / (3 + 1e-6) * 2 * math.pi
+        x_deformable = (column + 0.5) / (3 + 1e-6) * 2 * math.pi
+        assert detr[0, 2, 0, column].item() == pytest.approx(math.sin(x_detr), abs=1e-5)
+        assert deformable[0, 2, 0, column].item() == pytest.approx(math.sin(x_deformable), abs=1e-5)

@@ -168,3 +168,20 @@ def test_norm_eval_keeps_batchnorm_statistics_fixed_in_training():
 def test_norm_eval_needs_batchnorm():
     with pytest.raises(ValueError, match="norm_eval"):
         MultiScaleResNet(depth=18, norm="FrozenBN", norm_eval=True)
+
+
+def test_neck_without_norm_and_with_default_init():
+    """SMCA-DETR's neck: plain convs with bias, PyTorch's default initialisation (non-zero bias),
+    the extra level read from the raw last stage."""
+    torch.manual_seed(0)
+    backbone = MultiScaleResNet(depth=18, out_channels=32, neck_norm="", neck_init="default")
+    assert all(len(projection) == 1 for projection in backbone.input_proj)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in backbone.modules())
+    assert all(projection[0].bias.abs().sum() > 0 for projection in backbone.input_proj)
+    assert backbone.input_proj[3][0].in_channels == 512  # raw res5 of ResNet-18
+    names = {name for name, _ in backbone.named_parameters() if name.startswith("input_proj")}
+    assert names == {f"input_proj.{i}.0.{kind}" for i in range(4) for kind in ("weight", "bias")}
+    with pytest.raises(ValueError, match="neck_norm"):
+        MultiScaleResNet(depth=18, neck_norm="BN")
+    with pytest.raises(ValueError, match="neck_init"):
+        MultiScaleResNet(depth=18, neck_init="kaiming")

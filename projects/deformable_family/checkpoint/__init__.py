@@ -14,6 +14,13 @@ from .dsct import (
     dsct_config_name_for,
     load_official_checkpoint,
 )
+from .smca_detr import (
+    OfficialSMCAVariant,
+    convert_official_smca_state_dict,
+    detect_smca_variant,
+    smca_config_name_for,
+    smca_structure_overrides,
+)
 
 __all__ = [
     "DSCTVariant",
@@ -26,4 +33,9 @@ __all__ = [
     "config_name_for",
     "convert_official_state_dict",
     "detect_variant",
+    "OfficialSMCAVariant",
+    "convert_official_smca_state_dict",
+    "detect_smca_variant",
+    "smca_config_name_for",
+    "smca_structure_overrides",
 ]

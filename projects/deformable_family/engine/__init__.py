@@ -5,6 +5,7 @@ from .param_groups import param_groups_by_name
 from .setup import default_setup
 from .trainer import (
     DetrAMPTrainer,
+    DetrCPUAutocastTrainer,
     DetrSimpleTrainer,
     NonFiniteLossCheck,
     add_gradient_clipping,
@@ -14,6 +15,7 @@ from .trainer import (
 __all__ = [
     "AtomicDetectionCheckpointer",
     "DetrAMPTrainer",
+    "DetrCPUAutocastTrainer",
     "DetrSimpleTrainer",
     "EMAHook",
     "NonFiniteLossCheck",

@@ -35,8 +35,9 @@ def sine_embedding(
 class PositionEmbeddingSine(nn.Module):
     """Normalised sine encoding of pixel positions, computed on the unpadded part of each image.
 
-    Along each axis the position is ``(cumsum(valid) - 0.5) / (valid_extent + eps) * scale``, so the
-    valid pixels of every image span (0, scale) whatever the padding; y features come first, then x.
+    Along each axis the position is ``(cumsum(valid) + offset) / (valid_extent + eps) * scale``,
+    so the valid pixels of every image span (0, scale] whatever the padding; y features come first,
+    then x. ``offset`` is -0.5 in Deformable DETR (the pixel centre) and 0 in DETR and SMCA-DETR.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class PositionEmbeddingSine(nn.Module):
         scale: float = 2 * math.pi,
         eps: float = 1e-6,
         num_channels: Optional[int] = None,
+        offset: float = -0.5,
     ):
         """
         Args:
@@ -58,6 +60,8 @@ class PositionEmbeddingSine(nn.Module):
             eps: avoids division by zero on an all-padding row or column.
             num_channels: output channels (the model's d_model, so that a config interpolates it
                 from one field); must be even, and equal ``2 * num_pos_feats`` if both are given.
+            offset: added to the cumulative count before normalising: -0.5 (Deformable DETR), 0.0
+                (DETR and SMCA-DETR, whose last valid pixel sits at ``scale``).
         """
         super().__init__()
         if num_channels is not None:
@@ -74,11 +78,12 @@ class PositionEmbeddingSine(nn.Module):
         self.normalize = normalize
         self.scale = scale
         self.eps = eps
+        self.offset = offset
 
     def extra_repr(self) -> str:
         return (
             f"num_pos_feats={self.num_pos_feats}, temperature={float(self.temperature)}, "
-            f"normalize={self.normalize}, scale={float(self.scale)}"
+            f"normalize={self.normalize}, scale={float(self.scale)}, offset={float(self.offset)}"
         )
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
@@ -97,9 +102,10 @@ class PositionEmbeddingSine(nn.Module):
         y_embed = not_mask.cumsum(1, dtype=torch.float32)
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
-            # -0.5 puts the position at the pixel centre; the last row/column holds the valid extent.
-            y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + self.eps) * self.scale
-            x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + self.eps) * self.scale
+            # offset -0.5 puts the position at the pixel centre; the last row/column holds the valid
+            # extent.
+            y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + self.eps) * self.scale
+            x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + self.eps) * self.scale
         coords = torch.stack((y_embed, x_embed), dim=-1)  # (B, H, W, 2)
         pos = sine_embedding(coords, self.num_pos_feats, self.temperature)
         return pos.permute(0, 3, 1, 2).contiguous()

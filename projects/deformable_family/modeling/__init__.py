@@ -6,3 +6,4 @@ from .backbones import MultiScaleResNet, build_multiscale_resnet_backbone
 from .deformable_detr import DeformableDETR
 from .dsct import DSCT
 from .adamixer import AdaMixer
+from .smca_detr import SMCADETR

@@ -21,7 +21,8 @@ class MultiScaleResNet(Backbone):
 
     Level i of the output is ``GroupNorm(Conv1x1(C_i))`` for each stage in ``in_features``; each extra
     level is ``GroupNorm(Conv3x3 stride 2)`` of the previous one (the first extra one reads the last
-    ResNet stage, e.g. C5 -> C6 at stride 64). Outputs are named ``p<log2(stride)>``.
+    ResNet stage, e.g. C5 -> C6 at stride 64). Outputs are named ``p<log2(stride)>``. With
+    ``neck_norm=""`` the GroupNorms are left out (SMCA-DETR's plain convolutions with bias).
 
     Parameter names follow the optimiser's groups: ``body.*`` (reduced lr) and ``input_proj.*``
     (full lr, as in the authors' recipe).
@@ -39,6 +40,8 @@ class MultiScaleResNet(Backbone):
         stride_in_1x1: bool = False,
         shared_norm: bool = False,
         norm_eval: bool = False,
+        neck_norm: str = "GN",
+        neck_init: str = "xavier",
     ):
         """
         Args:
@@ -60,6 +63,10 @@ class MultiScaleResNet(Backbone):
                 stages keep their BatchNorm modules with ``requires_grad=False`` instead of being
                 converted to FrozenBN, so their weights count as (frozen) parameters, as in the
                 AdaMixer / StageInteractor authors' models. Requires ``norm="BN"`` or ``"SyncBN"``.
+            neck_norm: "GN" puts a GroupNorm after each neck conv (Deformable DETR); "" none
+                (DETR, SMCA-DETR). Index 0 of each ``input_proj`` entry is the conv either way.
+            neck_init: "xavier" initialises the neck convs with xavier_uniform weights and zero bias
+                (Deformable DETR); "default" keeps PyTorch's Conv2d initialisation (DETR, SMCA-DETR).
         """
         super().__init__()
         if depth not in (18, 34, 50, 101):
@@ -79,6 +86,10 @@ class MultiScaleResNet(Backbone):
                 f"norm_eval=True keeps BatchNorm layers in eval mode: norm must be 'BN' or 'SyncBN', "
                 f"got {norm!r} (FrozenBN is already fixed)"
             )
+        if neck_norm not in ("GN", ""):
+            raise ValueError(f"neck_norm must be 'GN' or '' (no norm), got {neck_norm!r}")
+        if neck_init not in ("xavier", "default"):
+            raise ValueError(f"neck_init must be 'xavier' or 'default', got {neck_init!r}")
 
         stage_kwargs = {"norm": norm}
         if depth >= 50:
@@ -116,11 +127,16 @@ class MultiScaleResNet(Backbone):
                 )
             )
             in_channels = out_channels
+        if neck_norm == "":
+            projections = [nn.Sequential(projection[0]) for projection in projections]
         self.input_proj = nn.ModuleList(projections)
         self.shared_norm = nn.GroupNorm(num_groups, out_channels) if shared_norm else None
         for projection in self.input_proj:
             nn.init.xavier_uniform_(projection[0].weight, gain=1)
             nn.init.constant_(projection[0].bias, 0)
+        if neck_init == "default":
+            for projection in self.input_proj:
+                projection[0].reset_parameters()
 
         strides = [_STAGE_STRIDES[name] for name in in_features]
         strides += [strides[-1] * 2 ** (i + 1) for i in range(num_extra_levels)]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deformable_family.layers.deformable_attention import MSDeformAttn
+from deformable_family.layers.dropout import Dropout  # nn.Dropout, cheaper CPU mask
 from deformable_family.layers.position_encoding import sine_embedding
 from deformable_family.modeling.box_ops import inverse_sigmoid
 
@@ -186,12 +187,12 @@ class DeformableEncoderLayer(nn.Module):
     ):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_backend)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(
@@ -296,15 +297,15 @@ class DeformableDecoderLayer(nn.Module):
     ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout)
-        self.self_attn_dropout = nn.Dropout(dropout)
+        self.self_attn_dropout = Dropout(dropout)
         self.self_attn_norm = nn.LayerNorm(d_model)
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_backend)
-        self.cross_attn_dropout = nn.Dropout(dropout)
+        self.cross_attn_dropout = Dropout(dropout)
         self.cross_attn_norm = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.ffn_dropout1 = nn.Dropout(dropout)
+        self.ffn_dropout1 = Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.ffn_dropout2 = nn.Dropout(dropout)
+        self.ffn_dropout2 = Dropout(dropout)
         self.ffn_norm = nn.LayerNorm(d_model)
         self.post_cross_attn = post_cross_attn
 
