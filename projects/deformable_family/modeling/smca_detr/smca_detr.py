@@ -1,7 +1,7 @@
 """SMCA-DETR meta-architecture (Gao et al., "Fast Convergence of DETR with Spatially Modulated
 Co-Attention", ICCV 2021) for detectron2."""
 
-from typing import Dict, List, Sequence, Union
+from typing import Dict, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,6 @@ from detectron2.modeling import META_ARCH_REGISTRY
 
 from deformable_family.layers.mlp import MLP
 from deformable_family.modeling.deformable_detr.deformable_detr import DeformableDETR, _class_head
-from deformable_family.modeling.postprocessing import detr_inference, postprocess_to_original
 
 from .transformer import ReleasedMultiScaleTransformer, SMCATransformer
 
@@ -61,6 +60,9 @@ class SMCADETR(nn.Module):
     preprocess_image = DeformableDETR.preprocess_image
     prepare_targets = DeformableDETR.prepare_targets
     device = DeformableDETR.device
+    # Training (losses) and inference (detections to Instances) as Deformable DETR's, on this
+    # model's forward_outputs.
+    forward = DeformableDETR.forward
 
     def __init__(
         self,
@@ -197,27 +199,3 @@ class SMCADETR(nn.Module):
                 for layer_logits, layer_boxes in zip(logits[:-1], boxes[:-1])
             ]
         return outputs
-
-    def forward(self, batched_inputs: List[Dict]):
-        """
-        Args:
-            batched_inputs: detectron2 format, each {"image": (3, H, W) in ``input_format``,
-                "instances": Instances with gt_boxes (xyxy absolute) and gt_classes (training only),
-                optional "height", "width" (output size)}.
-
-        Returns:
-            training: dict of weighted losses; inference: list of {"instances": Instances} with
-            pred_boxes (xyxy in the output size), scores, pred_classes.
-        """
-        images, mask = self.preprocess_image(batched_inputs)
-        outputs = self.forward_outputs(images.tensor, mask)
-        if self.training:
-            targets = self.prepare_targets(batched_inputs, images.image_sizes)
-            return self.criterion(outputs, targets)
-        results = detr_inference(
-            outputs["pred_logits"],
-            outputs["pred_boxes"],
-            images.image_sizes,
-            num_topk=self.select_topk,
-        )
-        return postprocess_to_original(results, batched_inputs, images.image_sizes)
